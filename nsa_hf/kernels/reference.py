@@ -1,0 +1,269 @@
+"""
+Pure-PyTorch Native Sparse Attention: the executable form of `shared/NSA_SPEC.md` and the oracle that every Triton
+kernel is tested against. It runs on any device and is differentiable by autograd.
+
+Conventions shared by every function here:
+- layout `[batch, seq, heads, dim]`; queries have `HQ` heads, keys/values `HKV` heads, `HQ % HKV == 0`, query head
+  `h` reads key/value head `h // (HQ // HKV)`;
+- queries are the LAST `Tq` positions of the `Tk` keys (bottom-right causal alignment, as in FlashAttention), so a
+  prefill has `Tq == Tk` and a decoding step `Tq == 1`; query `i` sits at position `t = Tk - Tq + i`;
+- packed documents: batch is 1 and `cu_seqlens_q` / `cu_seqlens_k` (`[num_docs + 1]` int offsets) delimit them; each
+  document is its own sequence (positions, blocks and masks restart), compressed keys are packed by
+  `utils.compressed_cu_seqlens(cu_seqlens_k, ...)`;
+- softmax runs in float32; outputs come back in the dtype of `q`; a query that sees no key gets a zero output and a
+  log-sum-exp of `-inf`.
+"""
+
+import math
+
+import torch
+
+from .utils import compressed_cu_seqlens
+
+_QUERY_CHUNK = 1024  # bounds the [Tq, Tk] score matrix the reference holds at once
+
+
+def _positions(num_queries: int, num_keys: int, device) -> torch.Tensor:
+    return torch.arange(num_keys - num_queries, num_keys, device=device)
+
+
+def _masked_attention(q, k, v, mask_fn, scale):
+    """
+    Softmax attention of q `[B, Tq, HQ, D]` over k/v `[B, Tk, HKV, D*]` where `mask_fn(query_slice)` gives the
+    allowed keys as a bool tensor broadcastable to `[B, HKV, 1 or G, len(query_slice), Tk]`.
+    Returns (out `[B, Tq, HQ, DV]` in q's dtype, lse `[B, Tq, HQ]` float32).
+    """
+    B, Tq, HQ, _ = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    qf = q.float().reshape(B, Tq, HKV, G, -1).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
+    kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tk, D]
+    vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)
+    outs, lses = [], []
+    for start in range(0, Tq, _QUERY_CHUNK):
+        rows = slice(start, min(start + _QUERY_CHUNK, Tq))
+        scores = (qf[:, :, :, rows] @ kf.transpose(-1, -2)) * scale
+        mask = mask_fn(rows)
+        # A row with no visible key gets all-zero logits, then a zero output and lse -inf: no NaN forward or backward.
+        has_key = mask.any(-1, keepdim=True)
+        scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
+        probs = torch.softmax(scores, dim=-1) * has_key
+        outs.append(probs @ vf)
+        lses.append(torch.logsumexp(scores, dim=-1).masked_fill(~has_key.squeeze(-1), float("-inf")))
+    out = torch.cat(outs, dim=3).permute(0, 3, 1, 2, 4).reshape(B, Tq, HQ, -1)
+    lse = torch.cat(lses, dim=3).permute(0, 3, 1, 2).reshape(B, Tq, HQ)
+    return out.to(q.dtype), lse
+
+
+def _per_document(fn, q, cu_seqlens_q, cu_seqlens_k, *tensors_k, cu_seqlens_cmp=None, tensors_cmp=()):
+    """Run `fn(q_doc, *k_docs, *cmp_docs)` on each packed document and concatenate its outputs along seq."""
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    bc = cu_seqlens_cmp.tolist() if cu_seqlens_cmp is not None else None
+    results = []
+    for i in range(len(bq) - 1):
+        args = [q[:, bq[i] : bq[i + 1]]] + [t[:, bk[i] : bk[i + 1]] for t in tensors_k]
+        args += [t[:, bc[i] : bc[i + 1]] for t in tensors_cmp]
+        results.append(fn(*args))
+    if isinstance(results[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*results))
+    return torch.cat(results, dim=1)
+
+
+def _check_varlen(q, cu_seqlens_q, cu_seqlens_k):
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
+    if cu_seqlens_q is not None and q.shape[0] != 1:
+        raise ValueError(f"with `cu_seqlens_q` the batch size must be 1 (documents packed along seq), got {q.shape[0]}")
+
+
+def compressed_attention_ref(
+    q, k_cmp, v_cmp, compress_block_size, compress_stride, num_keys=None, scale=None,
+    cu_seqlens_q=None, cu_seqlens_k=None,
+):
+    """
+    Attention over compressed keys (Eq. 7): query at position t sees block i iff `i*d + l - 1 <= t`.
+
+    Args:
+        q: `[B, Tq, HQ, DK]`. k_cmp: `[B, Nc, HKV, DK]`, v_cmp: `[B, Nc, HKV, DV]`.
+        num_keys: Tk, the length of the uncompressed key sequence (default Tq); packed: from `cu_seqlens_k`.
+    Returns:
+        (out `[B, Tq, HQ, DV]`, lse `[B, Tq, HQ]` float32, `-inf` where no block is complete).
+    """
+    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    l, d = compress_block_size, compress_stride
+    if cu_seqlens_q is not None:
+        cu_cmp = compressed_cu_seqlens(cu_seqlens_k, l, d)
+        lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+        docs = iter(lengths)
+        return _per_document(
+            lambda qd, kc, vc: compressed_attention_ref(qd, kc, vc, l, d, next(docs), scale),
+            q, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp=cu_cmp, tensors_cmp=(k_cmp, v_cmp),
+        )
+    Tq = q.shape[1]
+    num_keys = Tq if num_keys is None else num_keys
+    t = _positions(Tq, num_keys, q.device)
+    block_end = torch.arange(k_cmp.shape[1], device=q.device) * d + l - 1
+    visible = block_end[None, :] <= t[:, None]  # [Tq, Nc]
+    return _masked_attention(q, k_cmp, v_cmp, lambda rows: visible[rows], scale)
+
+
+def selection_scores_ref(q, k_cmp, lse_cmp, compress_block_size, compress_stride, select_block_size, num_keys=None, scale=None):
+    """
+    Importance of each selection block for each query and KV head (Eqs. 8-10), without the fixed/eligibility rules.
+
+    p_cmp = softmax(q . K_cmp * scale) is re-derived from `lse_cmp`; the score of selection block j is the sum over
+    the compression blocks i overlapping it of p_cmp[i] * overlap(i, j) / d, summed over the query heads of the group.
+    Returns `[B, Tq, HKV, num_select_blocks]` float32 with `num_select_blocks = ceil(Tk / l')`. Not packed: the caller
+    splits documents.
+    """
+    B, Tq, HQ, _ = q.shape
+    HKV = k_cmp.shape[2]
+    num_keys = Tq if num_keys is None else num_keys
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    l, d, lp = compress_block_size, compress_stride, select_block_size
+    num_sel = math.ceil(num_keys / lp)
+    Nc = k_cmp.shape[1]
+    t = _positions(Tq, num_keys, q.device)
+    if Nc == 0:
+        return q.new_zeros(B, Tq, HKV, num_sel, dtype=torch.float32)
+    qf = q.float().reshape(B, Tq, HKV, HQ // HKV, -1)
+    logits = torch.einsum("btkgd,bnkd->btkgn", qf, k_cmp.float()) * scale
+    visible = (torch.arange(Nc, device=q.device) * d + l - 1)[None, :] <= t[:, None]  # [Tq, Nc]
+    lse = lse_cmp.float().reshape(B, Tq, HKV, HQ // HKV, 1)
+    probs = torch.exp(logits - lse).masked_fill(~visible[None, :, None, None, :], 0.0)
+    probs = torch.nan_to_num(probs, nan=0.0).sum(3)  # [B, Tq, HKV, Nc]
+    cmp_start = torch.arange(Nc, device=q.device) * d
+    sel_start = torch.arange(num_sel, device=q.device) * lp
+    overlap = (
+        torch.minimum(cmp_start[:, None] + l, sel_start[None, :] + lp) - torch.maximum(cmp_start[:, None], sel_start[None, :])
+    ).clamp_min(0)
+    return probs @ (overlap.float() / d)
+
+
+def select_blocks_ref(
+    scores, select_block_size, num_selected_blocks, num_initial_blocks=1, num_local_blocks=2, num_keys=None
+):
+    """
+    Top-n selection (Eq. 11) from `scores` `[B, Tq, HKV, NS]`. The initial blocks and the local blocks (the one
+    holding t and the `num_local_blocks - 1` before it) are always taken; only blocks with `j*l' <= t` are eligible;
+    ties go to the lower block index. Returns int32 `[B, Tq, HKV, n]`, ascending, `-1` where fewer than n blocks are
+    eligible.
+    """
+    B, Tq, HKV, NS = scores.shape
+    num_keys = Tq if num_keys is None else num_keys
+    t = _positions(Tq, num_keys, scores.device)
+    j = torch.arange(NS, device=scores.device)
+    current = (t // select_block_size)[:, None]
+    eligible = j[None, :] <= current
+    fixed = eligible & ((j[None, :] < num_initial_blocks) | (j[None, :] > current - num_local_blocks))
+    ranked = scores.float().masked_fill(fixed[None, :, None, :], float("inf"))
+    ranked = ranked.masked_fill(~eligible[None, :, None, :], float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :num_selected_blocks]
+    taken = torch.gather(eligible[None, :, None, :].expand(B, Tq, HKV, NS), -1, order)
+    order = torch.where(taken, order, torch.full_like(order, NS))
+    order = torch.sort(order, dim=-1).values
+    order = torch.where(order == NS, torch.full_like(order, -1), order)
+    if order.shape[-1] < num_selected_blocks:
+        pad = order.new_full((B, Tq, HKV, num_selected_blocks - order.shape[-1]), -1)
+        order = torch.cat([order, pad], dim=-1)
+    return order.to(torch.int32)
+
+
+def selected_attention_ref(q, k, v, block_indices, select_block_size, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """
+    Attention over the selected blocks: query at t sees key s iff `s // l'` is among its group's `block_indices`
+    (`[B, Tq, HKV, n]`, `-1` = unused) and `s <= t`. Returns `[B, Tq, HQ, DV]`.
+    """
+    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens_q is not None:
+        bq, i = cu_seqlens_q.tolist(), iter(range(len(cu_seqlens_q) - 1))
+
+        def one(qd, kd, vd):
+            n = next(i)
+            return selected_attention_ref(qd, kd, vd, block_indices[:, bq[n] : bq[n + 1]], select_block_size, scale)
+
+        return _per_document(one, q, cu_seqlens_q, cu_seqlens_k, k, v)
+    B, Tq = q.shape[:2]
+    Tk = k.shape[1]
+    NS = math.ceil(Tk / select_block_size)
+    t = _positions(Tq, Tk, q.device)
+    idx = block_indices.long()
+    chosen = torch.zeros(B, Tq, idx.shape[2], NS + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(idx < 0, NS, idx), True)
+    key_block = torch.arange(Tk, device=q.device) // select_block_size
+    causal = torch.arange(Tk, device=q.device)[None, :] <= t[:, None]  # [Tq, Tk]
+    allowed = chosen[..., :NS][..., key_block] & causal[None, :, None, :]  # [B, Tq, HKV, Tk]
+    allowed = allowed.permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tq, Tk]
+    return _masked_attention(q, k, v, lambda rows: allowed[:, :, :, rows], scale)[0]
+
+
+def window_attention_ref(q, k, v, window_size, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Sliding-window attention: query at t sees keys `t - w + 1 .. t`. Returns `[B, Tq, HQ, DV]`."""
+    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens_q is not None:
+        return _per_document(
+            lambda qd, kd, vd: window_attention_ref(qd, kd, vd, window_size, scale), q, cu_seqlens_q, cu_seqlens_k, k, v
+        )
+    Tq, Tk = q.shape[1], k.shape[1]
+    t = _positions(Tq, Tk, q.device)
+    s = torch.arange(Tk, device=q.device)
+    allowed = (s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - window_size)
+    return _masked_attention(q, k, v, lambda rows: allowed[rows], scale)[0]
+
+
+def nsa_attention_ref(
+    q, k, v, k_cmp, v_cmp, gates, *, compress_block_size, compress_stride, select_block_size, num_selected_blocks,
+    window_size, num_initial_blocks=1, num_local_blocks=2, scale=None, k_win=None, v_win=None,
+    cu_seqlens_q=None, cu_seqlens_k=None, return_block_indices=False,
+):
+    """
+    Native Sparse Attention (Eq. 5): gated sum of compressed, selected and sliding-window attention.
+
+    Args:
+        q: `[B, Tq, HQ, DK]`; k: `[B, Tk, HKV, DK]`, v: `[B, Tk, HKV, DV]` (the selection branch's keys/values, and
+            every branch's when K/V are shared).
+        k_cmp, v_cmp: `[B, Nc, HKV, DK/DV]` compressed keys/values, Nc = complete compression blocks of Tk (packed:
+            per document, offsets `compressed_cu_seqlens(cu_seqlens_k)`).
+        gates: `[B, Tq, HQ, 3]` in [0, 1], the (cmp, slc, win) gates.
+        k_win, v_win: window-branch keys/values when they are not shared (default: k, v).
+    Returns:
+        `[B, Tq, HQ, DV]` in q's dtype; with `return_block_indices`, also the int32 `[B, Tq, HKV, n]` selection.
+    """
+    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_win = k if k_win is None else k_win
+    v_win = v if v_win is None else v_win
+    l, d, lp = compress_block_size, compress_stride, select_block_size
+    if cu_seqlens_q is not None:
+        cu_cmp = compressed_cu_seqlens(cu_seqlens_k, l, d)
+        bq = cu_seqlens_q.tolist()
+        docs = iter(range(len(bq) - 1))
+
+        def one(qd, kd, vd, kwd, vwd, kcd, vcd):
+            n = next(docs)
+            return nsa_attention_ref(
+                qd, kd, vd, kcd, vcd, gates[:, bq[n] : bq[n + 1]], compress_block_size=l, compress_stride=d,
+                select_block_size=lp, num_selected_blocks=num_selected_blocks, window_size=window_size,
+                num_initial_blocks=num_initial_blocks, num_local_blocks=num_local_blocks, scale=scale,
+                k_win=kwd, v_win=vwd, return_block_indices=True,
+            )
+
+        out, indices = _per_document(
+            one, q, cu_seqlens_q, cu_seqlens_k, k, v, k_win, v_win, cu_seqlens_cmp=cu_cmp, tensors_cmp=(k_cmp, v_cmp)
+        )
+        return (out, indices) if return_block_indices else out
+
+    Tk = k.shape[1]
+    o_cmp, lse_cmp = compressed_attention_ref(q, k_cmp, v_cmp, l, d, num_keys=Tk, scale=scale)
+    with torch.no_grad():
+        scores = selection_scores_ref(q, k_cmp, lse_cmp, l, d, lp, num_keys=Tk, scale=scale)
+        indices = select_blocks_ref(scores, lp, num_selected_blocks, num_initial_blocks, num_local_blocks, num_keys=Tk)
+    o_slc = selected_attention_ref(q, k, v, indices, lp, scale)
+    o_win = window_attention_ref(q, k_win, v_win, window_size, scale)
+    g = gates.to(torch.float32)
+    out = g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_win.float()
+    out = out.to(q.dtype)
+    return (out, indices) if return_block_indices else out
