@@ -1,0 +1,41 @@
+"""Plot speedup over dense attention against sequence length from a benchmarks/results/training_*.json file."""
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json_path")
+    parser.add_argument("--out", default=None, help="PNG path (default: beside the JSON)")
+    args = parser.parse_args()
+    with open(args.json_path) as f:
+        data = json.load(f)
+    rows = [r for r in data["results"] if "fwd_speedup_vs_dense" in r and r["impl"] != "dense"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, title in zip(axes, ("fwd_speedup_vs_dense", "fwd_bwd_speedup_vs_dense"), ("forward", "forward + backward")):
+        for layout, impl in sorted({(r["layout"], r["impl"]) for r in rows}):
+            pts = sorted((r["seqlen"], r[key]) for r in rows if r["layout"] == layout and r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} ({layout})")
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_title(f"{title}: speedup over dense cuDNN SDPA")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup (x)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{data['meta']['gpu']}, bf16, batch 1, torch {data['meta']['torch']}, triton {data['meta']['triton']}")
+    fig.tight_layout()
+    out = args.out or os.path.splitext(args.json_path)[0] + ".png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
