@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from .reference import nsa_attention_ref
+from .reference import check_query_key_lengths, nsa_attention_ref
 from .utils import compressed_cu_seqlens, num_compressed_blocks, unfold_compression_blocks
 
 _warned: set[str] = set()
@@ -77,6 +77,7 @@ def nsa_attention(
         raise ValueError(f"q, k, v must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    check_query_key_lengths(q, k, cu_seqlens_q, cu_seqlens_k)
     if gates.shape != (*q.shape[:3], 3):
         raise ValueError(f"gates must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
     kwargs = dict(

@@ -33,13 +33,14 @@ def _masked_attention(q, k, v, mask_fn, scale):
     allowed keys as a bool tensor broadcastable to `[B, HKV, 1 or G, len(query_slice), Tk]`.
     Returns (out `[B, Tq, HQ, DV]` in q's dtype, lse `[B, Tq, HQ]` float32).
     """
-    B, Tq, HQ, _ = q.shape
-    HKV = k.shape[2]
+    B, Tq, HQ, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
     G = HQ // HKV
-    qf = q.float().reshape(B, Tq, HKV, G, -1).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
-    kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tk, D]
-    vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)
-    outs, lses = [], []
+    acc = _compute_dtype(q)
+    qf = q.to(acc).reshape(B, Tq, HKV, G, DK).permute(0, 2, 3, 1, 4)  # [B, HKV, G, Tq, D]
+    kf = k.to(acc).permute(0, 2, 1, 3).unsqueeze(2)  # [B, HKV, 1, Tk, D]
+    vf = v.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
+    outs, lses = [qf.new_zeros(B, HKV, G, 0, DV)], [qf.new_zeros(B, HKV, G, 0)]
     for start in range(0, Tq, _QUERY_CHUNK):
         rows = slice(start, min(start + _QUERY_CHUNK, Tq))
         scores = (qf[:, :, :, rows] @ kf.transpose(-1, -2)) * scale
@@ -50,30 +51,67 @@ def _masked_attention(q, k, v, mask_fn, scale):
         probs = torch.softmax(scores, dim=-1) * has_key
         outs.append(probs @ vf)
         lses.append(torch.logsumexp(scores, dim=-1).masked_fill(~has_key.squeeze(-1), float("-inf")))
-    out = torch.cat(outs, dim=3).permute(0, 3, 1, 2, 4).reshape(B, Tq, HQ, -1)
+    out = torch.cat(outs, dim=3).permute(0, 3, 1, 2, 4).reshape(B, Tq, HQ, DV)
     lse = torch.cat(lses, dim=3).permute(0, 3, 1, 2).reshape(B, Tq, HQ)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse.float()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs (exact checks of the reference itself), float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _per_document(fn, q, cu_seqlens_q, cu_seqlens_k, *tensors_k, cu_seqlens_cmp=None, tensors_cmp=()):
-    """Run `fn(q_doc, *k_docs, *cmp_docs)` on each packed document and concatenate its outputs along seq."""
+    """
+    Run `fn(doc_index, q_doc, *k_docs, *cmp_docs)` on each packed document that has queries and concatenate its
+    outputs along seq.
+    """
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     bc = cu_seqlens_cmp.tolist() if cu_seqlens_cmp is not None else None
     results = []
     for i in range(len(bq) - 1):
+        if bq[i + 1] == bq[i]:
+            continue
         args = [q[:, bq[i] : bq[i + 1]]] + [t[:, bk[i] : bk[i + 1]] for t in tensors_k]
         args += [t[:, bc[i] : bc[i + 1]] for t in tensors_cmp]
-        results.append(fn(*args))
+        results.append(fn(i, *args))
+    if not results:  # no queries at all: run one empty document for correctly shaped empty outputs
+        args = [q[:, :0]] + [t[:, :0] for t in tensors_k] + [t[:, :0] for t in tensors_cmp]
+        results.append(fn(0, *args))
     if isinstance(results[0], tuple):
         return tuple(torch.cat(parts, dim=1) for parts in zip(*results))
     return torch.cat(results, dim=1)
 
 
-def _check_varlen(q, cu_seqlens_q, cu_seqlens_k):
+def check_query_key_lengths(q, k, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Validate the packing arguments and that every document has at least as many keys as queries."""
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
-    if cu_seqlens_q is not None and q.shape[0] != 1:
+    if cu_seqlens_q is None:
+        if q.shape[1] > k.shape[1]:
+            raise ValueError(
+                f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): queries are the last positions of the keys, "
+                "so q_len must be at most k_len"
+            )
+        return
+    if q.shape[0] != 1:
         raise ValueError(f"with `cu_seqlens_q` the batch size must be 1 (documents packed along seq), got {q.shape[0]}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"`cu_seqlens_q` and `cu_seqlens_k` must be 1-D and of equal length, got shapes "
+            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
+        )
+    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    bad = [i for i, (a, b) in enumerate(zip(len_q, len_k)) if a > b or a < 0]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"document {i} has {len_q[i]} queries and {len_k[i]} keys; each must have 0 <= q_len <= k_len")
+    if cu_seqlens_q[-1] != q.shape[1] or cu_seqlens_k[-1] != k.shape[1]:
+        raise ValueError(
+            f"`cu_seqlens_q[-1]`={int(cu_seqlens_q[-1])} / `cu_seqlens_k[-1]`={int(cu_seqlens_k[-1])} must equal the "
+            f"packed lengths of q ({q.shape[1]}) / k ({k.shape[1]})"
+        )
 
 
 def compressed_attention_ref(
@@ -89,19 +127,21 @@ def compressed_attention_ref(
     Returns:
         (out `[B, Tq, HQ, DV]`, lse `[B, Tq, HQ]` float32, `-inf` where no block is complete).
     """
-    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     l, d = compress_block_size, compress_stride
     if cu_seqlens_q is not None:
+        if cu_seqlens_k is None:
+            raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
         cu_cmp = compressed_cu_seqlens(cu_seqlens_k, l, d)
         lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        docs = iter(lengths)
         return _per_document(
-            lambda qd, kc, vc: compressed_attention_ref(qd, kc, vc, l, d, next(docs), scale),
+            lambda i, qd, kc, vc: compressed_attention_ref(qd, kc, vc, l, d, lengths[i], scale),
             q, cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp=cu_cmp, tensors_cmp=(k_cmp, v_cmp),
         )
     Tq = q.shape[1]
     num_keys = Tq if num_keys is None else num_keys
+    if Tq > num_keys:
+        raise ValueError(f"more queries ({Tq}) than keys ({num_keys}): q_len must be at most k_len")
     t = _positions(Tq, num_keys, q.device)
     block_end = torch.arange(k_cmp.shape[1], device=q.device) * d + l - 1
     visible = block_end[None, :] <= t[:, None]  # [Tq, Nc]
@@ -127,10 +167,12 @@ def selection_scores_ref(q, k_cmp, lse_cmp, compress_block_size, compress_stride
     t = _positions(Tq, num_keys, q.device)
     if Nc == 0:
         return q.new_zeros(B, Tq, HKV, num_sel, dtype=torch.float32)
-    qf = q.float().reshape(B, Tq, HKV, HQ // HKV, -1)
-    logits = torch.einsum("btkgd,bnkd->btkgn", qf, k_cmp.float()) * scale
+    # float64 then rounded to float32: blocks whose scores are mathematically equal (e.g. uniform p_cmp) then tie
+    # exactly whatever the summation order, and the tie goes to the lower index as specified.
+    qf = q.double().reshape(B, Tq, HKV, HQ // HKV, -1)
+    logits = torch.einsum("btkgd,bnkd->btkgn", qf, k_cmp.double()) * scale
     visible = (torch.arange(Nc, device=q.device) * d + l - 1)[None, :] <= t[:, None]  # [Tq, Nc]
-    lse = lse_cmp.float().reshape(B, Tq, HKV, HQ // HKV, 1)
+    lse = lse_cmp.double().reshape(B, Tq, HKV, HQ // HKV, 1)
     probs = torch.exp(logits - lse).masked_fill(~visible[None, :, None, None, :], 0.0)
     probs = torch.nan_to_num(probs, nan=0.0).sum(3)  # [B, Tq, HKV, Nc]
     cmp_start = torch.arange(Nc, device=q.device) * d
@@ -138,7 +180,7 @@ def selection_scores_ref(q, k_cmp, lse_cmp, compress_block_size, compress_stride
     overlap = (
         torch.minimum(cmp_start[:, None] + l, sel_start[None, :] + lp) - torch.maximum(cmp_start[:, None], sel_start[None, :])
     ).clamp_min(0)
-    return probs @ (overlap.float() / d)
+    return (probs @ (overlap.double() / d)).float()
 
 
 def select_blocks_ref(
@@ -175,13 +217,12 @@ def selected_attention_ref(q, k, v, block_indices, select_block_size, scale=None
     Attention over the selected blocks: query at t sees key s iff `s // l'` is among its group's `block_indices`
     (`[B, Tq, HKV, n]`, `-1` = unused) and `s <= t`. Returns `[B, Tq, HQ, DV]`.
     """
-    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    check_query_key_lengths(q, k, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens_q is not None:
-        bq, i = cu_seqlens_q.tolist(), iter(range(len(cu_seqlens_q) - 1))
+        bq = cu_seqlens_q.tolist()
 
-        def one(qd, kd, vd):
-            n = next(i)
+        def one(n, qd, kd, vd):
             return selected_attention_ref(qd, kd, vd, block_indices[:, bq[n] : bq[n + 1]], select_block_size, scale)
 
         return _per_document(one, q, cu_seqlens_q, cu_seqlens_k, k, v)
@@ -201,11 +242,11 @@ def selected_attention_ref(q, k, v, block_indices, select_block_size, scale=None
 
 def window_attention_ref(q, k, v, window_size, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """Sliding-window attention: query at t sees keys `t - w + 1 .. t`. Returns `[B, Tq, HQ, DV]`."""
-    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    check_query_key_lengths(q, k, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens_q is not None:
         return _per_document(
-            lambda qd, kd, vd: window_attention_ref(qd, kd, vd, window_size, scale), q, cu_seqlens_q, cu_seqlens_k, k, v
+            lambda i, qd, kd, vd: window_attention_ref(qd, kd, vd, window_size, scale), q, cu_seqlens_q, cu_seqlens_k, k, v
         )
     Tq, Tk = q.shape[1], k.shape[1]
     t = _positions(Tq, Tk, q.device)
@@ -232,7 +273,7 @@ def nsa_attention_ref(
     Returns:
         `[B, Tq, HQ, DV]` in q's dtype; with `return_block_indices`, also the int32 `[B, Tq, HKV, n]` selection.
     """
-    _check_varlen(q, cu_seqlens_q, cu_seqlens_k)
+    check_query_key_lengths(q, k, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
@@ -240,10 +281,8 @@ def nsa_attention_ref(
     if cu_seqlens_q is not None:
         cu_cmp = compressed_cu_seqlens(cu_seqlens_k, l, d)
         bq = cu_seqlens_q.tolist()
-        docs = iter(range(len(bq) - 1))
 
-        def one(qd, kd, vd, kwd, vwd, kcd, vcd):
-            n = next(docs)
+        def one(n, qd, kd, vd, kwd, vwd, kcd, vcd):
             return nsa_attention_ref(
                 qd, kd, vd, kcd, vcd, gates[:, bq[n] : bq[n + 1]], compress_block_size=l, compress_stride=d,
                 select_block_size=lp, num_selected_blocks=num_selected_blocks, window_size=window_size,
@@ -263,7 +302,8 @@ def nsa_attention_ref(
         indices = select_blocks_ref(scores, lp, num_selected_blocks, num_initial_blocks, num_local_blocks, num_keys=Tk)
     o_slc = selected_attention_ref(q, k, v, indices, lp, scale)
     o_win = window_attention_ref(q, k_win, v_win, window_size, scale)
-    g = gates.to(torch.float32)
-    out = g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_win.float()
+    acc = _compute_dtype(q)
+    g = gates.to(acc)
+    out = g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
     out = out.to(q.dtype)
     return (out, indices) if return_block_indices else out
