@@ -75,6 +75,16 @@ class NSAMLP(LlamaMLP):
     pass
 
 
+class NSAGateProjection(nn.Linear):
+    """
+    hidden -> one logit per branch (cmp, slc, win) per query head, `[..., num_heads * 3]`; the gates are its sigmoid.
+    A class of its own so that `_init_weights` can start it at weight 0, bias -ln 2 (every gate 1/3).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__(hidden_size, 3 * num_heads, bias=True)
+
+
 class NSACompression(nn.Module):
     """
     phi of Eq. 7: maps each compression block `[..., compress_block_size, heads, dim]` to one vector `[..., heads, dim]`,
@@ -222,7 +232,7 @@ class NSAAttention(nn.Module):
             self.cmp_v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
             self.win_k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
             self.win_v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
-        self.gate_proj = nn.Linear(config.hidden_size, 3 * config.num_attention_heads, bias=True)
+        self.gate_proj = NSAGateProjection(config.hidden_size, config.num_attention_heads)
         self.compress_key = NSACompression(config, self.head_dim)
         self.compress_value = NSACompression(config, self.head_dim)
 
@@ -441,9 +451,9 @@ class NSAPreTrainedModel(PreTrainedModel):
             init.zeros_(module.position_embedding)
             init.zeros_(module.down_proj.weight)
             init.zeros_(module.down_proj.bias)
-        elif isinstance(module, NSAAttention):
-            init.zeros_(module.gate_proj.weight)
-            init.constant_(module.gate_proj.bias, -0.6931471805599453)  # sigmoid(-ln 2) = 1/3
+        elif isinstance(module, NSAGateProjection):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, -0.6931471805599453)  # sigmoid(-ln 2) = 1/3
 
 
 class NSAModel(NSAPreTrainedModel):
@@ -692,4 +702,6 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
             model_kwargs[name] = NSACache(self.config)
 
 
-__all__ = ["NSAPreTrainedModel", "NSAModel", "NSAForCausalLM", "NSAAttention", "NSACompression", "NSALayout"]
+__all__ = [
+    "NSAPreTrainedModel", "NSAModel", "NSAForCausalLM", "NSAAttention", "NSACompression", "NSAGateProjection", "NSALayout",
+]

@@ -1,0 +1,93 @@
+"""NSAConfig: paper defaults, validation errors naming the field, save/load round trip, Auto registration."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import nsa_hf
+from nsa_hf import NSAConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, compress_block_size=8, compress_stride=4, select_block_size=16,
+    num_selected_blocks=4, window_size=16,
+)
+
+
+def test_defaults_are_the_paper_settings():
+    config = NSAConfig()
+    assert config.model_type == "nsa_hf"
+    assert (config.compress_block_size, config.compress_stride, config.select_block_size) == (32, 16, 64)
+    assert (config.num_selected_blocks, config.window_size) == (16, 512)
+    assert (config.num_initial_blocks, config.num_local_blocks) == (1, 2)
+    assert config.compress_function == "mlp" and config.shared_kv is True and config.use_qk_norm is False
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(compress_stride=5), "compress_stride"),
+        (dict(compress_stride=16, compress_block_size=8), "compress_stride"),
+        (dict(select_block_size=4), "select_block_size"),
+        (dict(select_block_size=18), "compress_stride"),
+        (dict(num_selected_blocks=2), "num_selected_blocks"),
+        (dict(num_local_blocks=0), "num_local_blocks"),
+        (dict(num_initial_blocks=-1), "num_initial_blocks"),
+        (dict(window_size=0), "window_size"),
+        (dict(compress_block_size=0), "compress_block_size"),
+        (dict(compress_function="max"), "compress_function"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+    ],
+)
+def test_invalid_configs_raise_value_error_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        NSAConfig(**{**TINY, **overrides})
+
+
+def test_save_and_load_round_trip(tmp_path):
+    config = NSAConfig(**TINY, compress_function="mean", shared_kv=False, use_qk_norm=True, num_initial_blocks=0)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "nsa_hf" and saved["shared_kv"] is False and saved["compress_function"] == "mean"
+
+    def fields(c):
+        return {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}
+
+    loaded = NSAConfig.from_pretrained(tmp_path)
+    assert fields(loaded) == fields(config)
+    auto = AutoConfig.from_pretrained(tmp_path)
+    assert type(auto) is NSAConfig and fields(auto) == fields(config)
+
+
+def test_registered_under_its_own_model_type():
+    assert nsa_hf.NSAConfig.model_type == "nsa_hf" != "nsa"  # flash-linear-attention owns "nsa"
+    assert CONFIG_MAPPING["nsa_hf"] is NSAConfig
+    assert type(AutoConfig.for_model("nsa_hf", **TINY)) is NSAConfig
+
+
+def test_auto_classes_after_plain_import_in_a_fresh_process(tmp_path):
+    # Save a tiny model here, load it through the Auto classes in a new interpreter that only runs `import nsa_hf`.
+    from nsa_hf import NSAForCausalLM
+
+    NSAForCausalLM(NSAConfig(**TINY)).save_pretrained(tmp_path)
+    script = (
+        "import nsa_hf, torch\n"
+        "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
+        f"path = {str(tmp_path)!r}\n"
+        "assert type(AutoConfig.from_pretrained(path)).__name__ == 'NSAConfig'\n"
+        "m = AutoModelForCausalLM.from_pretrained(path)\n"
+        "assert type(m).__name__ == 'NSAForCausalLM' and m.config._attn_implementation == 'nsa', m.config._attn_implementation\n"
+        "assert type(AutoModel.from_pretrained(path)).__name__ == 'NSAModel'\n"
+        "print(m(torch.arange(20)[None]).logits.shape)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.Size([1, 20, 128])" in result.stdout
