@@ -1,0 +1,545 @@
+"""
+Triton kernel for NSA block selection (Eqs. 8-11): score the selection blocks of every query from the compressed
+attention's probabilities and keep the top-n, without ever materialising a `[T, T/d]` or `[T, T/l']` tensor.
+
+Semantics are exactly `select_blocks_ref(selection_scores_ref(...))` of `reference.py`.
+
+Design (one program = a tile of BM query positions x ALL G query heads of one KV head):
+- rows of the tile are (position, head) pairs, `BM * G_PAD` of them (G padded to a power of two), so small GQA
+  groups still give tensor-core tiles of >= 16 rows; q stays in registers for the whole program;
+- the program streams over chunks of BS selection blocks, i.e. the `BS * r` compression blocks that start inside
+  them (r = l'/d), up to the tile's causal limit only: P = exp2(q.K_cmp * scale*log2(e) - lse*log2(e)) with one
+  `tl.dot`, masked to the visible compression blocks, summed over the heads of the group in registers (Eq. 10);
+- Eq. 9 by index arithmetic: compression block i = j*r + k starts inside selection block j and overlaps it by
+  min(c, r-k) strides (c = l/d) and block j+1 by max(0, c-r+k) strides (l <= l' so never further). The spill into
+  the next block is shifted by one block with `tl.gather` and carried across chunks;
+- (score, block) is packed into one int64 key: the float32 bits of the (non-negative) score in the high word, so
+  integer order = score order, and `2^31-1-j` in the low word, so ties go to the lower block. Fixed blocks get the
+  bits of +inf, ineligible ones the key -1. A chunk's keys are reduced with `tl.topk` (bitonic) to its best N_PAD,
+  merged into the running best N_PAD (kept sorted, in registers) by the bitonic half-cleaner
+  `max(run, flip(top))` + `tl.bitonic_merge`, so a merge costs O(N_PAD log N_PAD) per query;
+- at the end the n best blocks are decoded, sorted ascending, padded with -1 and written: `[B, Tq, HKV, n]` int32.
+
+Work is O(Tq * HQ * Nc_visible * DK) (the same dot as the compressed attention's logits), memory O(Tq * HKV * n).
+Few queries with long keys (decoding) split the selection blocks over several programs; each writes its best
+N_PAD keys (O(Tq * HKV * splits * n) int64) and a small PyTorch pass merges them.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import compressed_cu_seqlens
+
+_LOG2E = 1.4426950408889634
+_MAX_LOW = 2**31 - 1  # low word of a key is _MAX_LOW - block index
+KEY_MAX_LOW = tl.constexpr(_MAX_LOW)
+KEY_INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32: the score of a fixed block
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_scores(
+    q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
+    BM: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    CMP_LEN: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, C: tl.constexpr,
+    BS: tl.constexpr, MASK_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """
+    Scores `[BM, BS]` of the selection blocks `ci*BS .. ci*BS+BS-1` for the BM query positions of the tile, summed
+    over the heads of the group, plus the spill `[BM]` of the chunk's last block into the next chunk's first block.
+    `carry` is the spill of the previous chunk into this chunk's first block.
+    """
+    BC: tl.constexpr = BS * R_PAD
+    cols = tl.arange(0, BC)
+    grp = cols // R_PAD
+    kk = cols % R_PAD
+    cmp_idx = (ci * BS + grp) * R + kk  # compression block of each column
+    # In the unmasked variant every compression block of the chunk exists and is visible to every row.
+    if MASK_CAUSAL:
+        col_ok = cmp_idx < nc_doc
+        if R_PAD != R:
+            col_ok = col_ok & (kk < R)
+    else:
+        col_ok = kk < R
+    d1 = tl.arange(0, D1)
+    k_ptrs = k_base + cmp_idx[None, :] * stride_kt + d1[:, None]
+    if D1 == DK and (MASK_CAUSAL or R_PAD != R):
+        k1 = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
+    elif D1 == DK:
+        k1 = tl.load(k_ptrs)
+    else:
+        k1 = tl.load(k_ptrs, mask=col_ok[None, :] & (d1[:, None] < DK), other=0.0)
+    if IEEE:
+        s = tl.dot(q1, k1, input_precision="ieee")
+    else:
+        s = tl.dot(q1, k1)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        k2 = tl.load(k_base + cmp_idx[None, :] * stride_kt + d2[:, None], mask=col_ok[None, :] & (d2[:, None] < DK),
+                     other=0.0)
+        if IEEE:
+            s += tl.dot(q2, k2, input_precision="ieee")
+        else:
+            s += tl.dot(q2, k2)
+    p = tl.exp2(s * scale_log2 - lse2[:, None])  # rows without any visible block have lse2 = +inf: p = 0
+    if MASK_CAUSAL:
+        visible = col_ok[None, :] & ((cmp_idx * STRIDE + (CMP_LEN - 1))[None, :] <= t_row[:, None])
+        p = tl.where(visible, p, 0.0)
+    elif R_PAD != R:
+        p = tl.where(col_ok[None, :], p, 0.0)
+    # Eq. 10: sum over the query heads of the group (rows are (position, head) with the head fastest)
+    if G_PAD > 1:
+        ph = tl.sum(tl.reshape(p, [BM, G_PAD, BC]), axis=1)
+    else:
+        ph = p
+    # Eq. 9: overlap weights in units of the stride
+    jj = tl.arange(0, BS)
+    kr = tl.arange(0, R_PAD)
+    if R_PAD == 1:
+        own = ph
+    else:
+        p3 = tl.reshape(ph, [BM, BS, R_PAD])
+        w_own = tl.where(kr < R, tl.minimum(C, R - kr), 0).to(tl.float32)
+        own = tl.sum(p3 * w_own[None, None, :], axis=2)
+    if C == 1:
+        # identity gather: moves the [BM, BS] scores out of the head-reduced layout of the dot (where every thread
+        # holds several of them, replicated over lanes) into a compact one, which makes the sort below cheap
+        score = tl.gather(own, tl.broadcast_to(jj[None, :], [BM, BS]), axis=1)
+        new_carry = carry
+    else:
+        w_spill = tl.where(kr < R, tl.maximum(0, C - R + kr), 0).to(tl.float32)
+        spill = tl.sum(p3 * w_spill[None, None, :], axis=2)  # spill[:, jj] belongs to block jj + 1
+        prev = tl.gather(spill, tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], [BM, BS]), axis=1)
+        prev = tl.where(jj[None, :] == 0, carry[:, None], prev)
+        new_carry = tl.sum(tl.where(jj[None, :] == BS - 1, spill, 0.0), axis=1)
+        score = own + prev
+    return score, new_carry
+
+
+@triton.jit
+def _merge_chunk(run, score, ci, t_q, q_ok,
+                 BS: tl.constexpr, N_PAD: tl.constexpr, SEL_LEN: tl.constexpr,
+                 N_INIT: tl.constexpr, N_LOCAL: tl.constexpr):
+    """Turn the chunk's scores into (score, block) keys and merge them into the running sorted top-N_PAD."""
+    j = ci * BS + tl.arange(0, BS)
+    cur = t_q // SEL_LEN  # block holding the query
+    eligible = (j[None, :] <= cur[:, None]) & q_ok[:, None]
+    fixed = (j[None, :] < N_INIT) | (j[None, :] > cur[:, None] - N_LOCAL)
+    bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(fixed, KEY_INF_BITS, bits)
+    key = (bits.to(tl.int64) << 32) | (j * -1 + KEY_MAX_LOW).to(tl.int64)[None, :]
+    key = tl.where(eligible, key, -1)
+    if BS == N_PAD:
+        top_asc = tl.sort(key, dim=1)
+    else:
+        top_asc = tl.flip(tl.topk(key, N_PAD, dim=1), 1)
+    # run is sorted descending, top_asc ascending: their elementwise max holds the best N_PAD of both, as a bitonic
+    # sequence (Batcher's half-cleaner); one bitonic merge sorts it again.
+    return tl.bitonic_merge(tl.maximum(run, top_asc), 1, descending=True)
+
+
+@triton.jit
+def _select_kernel(
+    Q, KC, LSE, OUT, WS, CU_Q, CU_K, CU_C,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_lb, stride_lt, stride_lh,
+    stride_ob, stride_ot, stride_oh,
+    q_len, k_len, nc_len, num_bh, max_q, num_splits, split_chunks,
+    scale_log2, T_BUCKET,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    DK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    CMP_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL_LEN: tl.constexpr,
+    R: tl.constexpr, R_PAD: tl.constexpr, C: tl.constexpr,
+    N: tl.constexpr, N_PAD: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, BS: tl.constexpr,
+):
+    BM: tl.constexpr = ROWS // G_PAD
+    num_tiles = tl.cdiv(max_q, BM)
+    pid = tl.program_id(0)
+    bh = pid % num_bh
+    rest = pid // num_bh
+    if SPLIT:
+        split = rest % num_splits
+        tile = rest // num_splits
+    else:
+        split = 0
+        tile = num_tiles - 1 - rest  # the heaviest (last) query tiles first
+    b = bh // HKV
+    hkv = bh % HKV
+
+    if VARLEN:
+        bos_q = tl.load(CU_Q + b)
+        tq = tl.load(CU_Q + b + 1) - bos_q
+        bos_k = tl.load(CU_K + b)
+        tk = tl.load(CU_K + b + 1) - bos_k
+        bos_c = tl.load(CU_C + b)
+        nc_doc = tl.load(CU_C + b + 1) - bos_c
+        batch = 0
+    else:
+        bos_q = 0
+        tq = q_len
+        tk = k_len
+        bos_c = 0
+        nc_doc = nc_len
+        batch = b
+    m0 = tile * BM
+    if m0 >= tq:
+        return
+
+    # ---- the tile's queries: rows are (position, head), the head fastest
+    rows = tl.arange(0, ROWS)
+    m_row = m0 + rows // G_PAD
+    g_row = rows % G_PAD
+    row_ok = (m_row < tq) & (g_row < G)
+    t_row = tk - tq + m_row
+    q_base = Q + batch.to(tl.int64) * stride_qb + (bos_q + m_row).to(tl.int64)[:, None] * stride_qt \
+        + (hkv * G + g_row)[:, None] * stride_qh
+    d1 = tl.arange(0, D1)
+    if D1 == DK:
+        q1 = tl.load(q_base + d1[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        q1 = tl.load(q_base + d1[None, :], mask=row_ok[:, None] & (d1[None, :] < DK), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(q_base + d2[None, :], mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0)
+    else:
+        q2 = q1
+    lse = tl.load(LSE + batch.to(tl.int64) * stride_lb + (bos_q + m_row).to(tl.int64) * stride_lt
+                  + (hkv * G + g_row) * stride_lh, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    k_base = KC + batch.to(tl.int64) * stride_kb + bos_c.to(tl.int64) * stride_kt + hkv * stride_kh
+
+    m_q = m0 + tl.arange(0, BM)
+    q_ok = m_q < tq
+    t_q = tk - tq + m_q
+    t_min = tk - tq + m0
+    t_max = tk - tq + tl.minimum(m0 + BM, tq) - 1
+
+    # ---- chunk ranges: [0, n_full) every row sees every compression block of the chunk; [n_full, n_cmp) some
+    # blocks are visible; [n_cmp, n_chunks) none is (only the fixed/eligibility rules and the carry matter).
+    CHUNK_CMP: tl.constexpr = BS * R
+    n_chunks = tl.cdiv(t_max // SEL_LEN + 1, BS)
+    # visible compression blocks of the last / first row: floor((t - l + 1) / d) + 1, clamped to [0, nc_doc]
+    vis_max = tl.minimum(tl.maximum(t_max - (CMP_LEN - 1) + STRIDE, 0) // STRIDE, nc_doc)
+    vis_min = tl.minimum(tl.maximum(t_min - (CMP_LEN - 1) + STRIDE, 0) // STRIDE, nc_doc)
+    n_cmp = tl.cdiv(vis_max, CHUNK_CMP)
+    n_full = vis_min // CHUNK_CMP
+    if SPLIT:
+        c_lo = split * split_chunks
+        c_hi = tl.minimum(c_lo + split_chunks, n_chunks)
+    else:
+        c_lo = 0
+        c_hi = n_chunks
+
+    run = tl.full([BM, N_PAD], -1, tl.int64)
+    carry = tl.zeros([BM], dtype=tl.float32)
+    if C > 1:
+        if c_lo > 0:
+            if c_lo - 1 < n_cmp:  # the previous split's last chunk spills into our first block
+                _, carry = _chunk_scores(
+                    q1, q2, lse2, t_row, k_base, stride_kt, c_lo - 1, nc_doc, scale_log2, carry,
+                    BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, True, IEEE)
+    for ci in range(c_lo, tl.minimum(n_full, c_hi)):
+        score, carry = _chunk_scores(
+            q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
+            BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, False, IEEE)
+        run = _merge_chunk(run, score, ci, t_q, q_ok, BS, N_PAD, SEL_LEN, N_INIT, N_LOCAL)
+    for ci in range(tl.maximum(n_full, c_lo), tl.minimum(n_cmp, c_hi)):
+        score, carry = _chunk_scores(
+            q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
+            BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, True, IEEE)
+        run = _merge_chunk(run, score, ci, t_q, q_ok, BS, N_PAD, SEL_LEN, N_INIT, N_LOCAL)
+    jj = tl.arange(0, BS)
+    for ci in range(tl.maximum(n_cmp, c_lo), c_hi):
+        score = tl.where(jj[None, :] == 0, carry[:, None], 0.0)
+        score = tl.gather(score, tl.broadcast_to(jj[None, :], [BM, BS]), axis=1)  # compact layout, see above
+        carry = tl.zeros([BM], dtype=tl.float32)
+        run = _merge_chunk(run, score, ci, t_q, q_ok, BS, N_PAD, SEL_LEN, N_INIT, N_LOCAL)
+
+    rank = tl.arange(0, N_PAD)
+    if SPLIT:
+        # workspace [total_q, HKV, num_splits, N_PAD] int64 of raw keys, merged on the host side
+        ws_ptrs = WS + ((((batch * q_len + bos_q + m_q).to(tl.int64) * HKV + hkv) * num_splits + split)
+                        * N_PAD)[:, None] + rank[None, :]
+        tl.store(ws_ptrs, run, mask=q_ok[:, None])
+    else:
+        valid = (run >= 0) & (rank < N)[None, :]
+        idx = tl.where(valid, (run & 0xFFFFFFFF) * -1 + KEY_MAX_LOW, KEY_MAX_LOW).to(tl.int32)
+        idx = tl.sort(idx, dim=1)
+        idx = tl.where(idx == KEY_MAX_LOW, -1, idx)
+        o_ptrs = OUT + batch.to(tl.int64) * stride_ob + (bos_q + m_q).to(tl.int64)[:, None] * stride_ot \
+            + hkv * stride_oh + rank[None, :]
+        tl.store(o_ptrs, idx, mask=q_ok[:, None] & (rank < N)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+_GPU_CONFIGS = [
+    triton.Config({"ROWS": rows, "BS": bs}, num_warps=w, num_stages=s)
+    for rows in (64, 128, 256)
+    for bs in (16, 32, 64)
+    for w in (4, 8)
+    for s in (1, 2, 3)
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    g_pad, n_pad, r_pad = kwargs["G_PAD"], kwargs["N_PAD"], kwargs["R_PAD"]
+    dk_pad = kwargs["D1"] + kwargs["D2"]
+    min_bs = max(16, n_pad)
+    kept = []
+    for cfg in configs:
+        rows, bs = cfg.kwargs["ROWS"], cfg.kwargs["BS"]
+        bc = bs * r_pad
+        if rows < g_pad or bs < min_bs or bs > 2 * min_bs:
+            continue
+        if rows * bc > 128 * cfg.num_warps * 64:  # the P tile: at most 64 fp32 registers per thread
+            continue
+        if rows * dk_pad > 128 * cfg.num_warps * 128:  # q tile
+            continue
+        if bc > 256:
+            continue
+        kept.append(cfg)
+    if not kept:  # very wide chunks (large l'/d): the smallest legal tile
+        rows = max(g_pad, 16)
+        kept = [triton.Config({"ROWS": rows, "BS": min_bs}, num_warps=4, num_stages=1)]
+    return kept
+
+
+_select_kernel_tuned = triton.autotune(
+    configs=_GPU_CONFIGS,
+    key=["T_BUCKET", "HKV", "G_PAD", "D1", "D2", "R_PAD", "C", "N_PAD", "VARLEN", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_select_kernel)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    compress_block_size: int,
+    compress_stride: int,
+    select_block_size: int,
+    num_selected_blocks: int,
+    num_initial_blocks: int = 1,
+    num_local_blocks: int = 2,
+    scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    num_keys: int | None = None,
+    _num_splits: int | None = None,
+    _config: dict | None = None,
+) -> torch.Tensor:
+    """
+    Top-n selection blocks of every query and KV head (NSA Eqs. 8-11), scored from the compressed attention.
+
+    Same result as `select_blocks_ref(selection_scores_ref(...))` of `reference.py` (up to float rounding at exact
+    near-ties), without materialising any `[T, T/d]` score tensor.
+
+    Args:
+        q: `[B, Tq, HQ, DK]` queries (float32/float16/bfloat16), DK in 1..256.
+        k_cmp: `[B, Nc, HKV, DK]` compressed keys, `HQ % HKV == 0`; packed: per document, offsets
+            `compressed_cu_seqlens(cu_seqlens_k, compress_block_size, compress_stride)`.
+        lse_cmp: `[B, Tq, HQ]` float32 log-sum-exp of the (scaled) compressed-attention logits, `-inf` where a query
+            sees no compression block.
+        compress_block_size, compress_stride, select_block_size: l, d, l' with d | l, d | l', l <= l'.
+        num_selected_blocks: n, the initial and local blocks counted in.
+        num_initial_blocks, num_local_blocks: always-selected blocks at the start / ending with the query's block.
+        scale: logit scale (default `DK ** -0.5`), the one the compressed attention used.
+        cu_seqlens_q, cu_seqlens_k: `[num_docs + 1]` int32 offsets of packed documents (batch 1).
+        num_keys: Tk, the key length when `Tq < Tk` (queries are the last Tq positions); default Tq. Ignored (taken
+            from `cu_seqlens_k`) for packed documents.
+
+    Returns:
+        int32 `[B, Tq, HKV, n]`: selected block indices in ascending order, `-1` padding where fewer than n blocks
+        (those with `j * l' <= t`) are eligible.
+    """
+    l, d, lp, n = compress_block_size, compress_stride, select_block_size, num_selected_blocks
+    for name, value, minimum in (
+        ("compress_block_size", l, 1), ("compress_stride", d, 1), ("select_block_size", lp, 1),
+        ("num_selected_blocks", n, 1), ("num_initial_blocks", num_initial_blocks, 0),
+        ("num_local_blocks", num_local_blocks, 0),
+    ):
+        _check_int(name, value, minimum)
+    if l % d != 0:
+        raise ValueError(f"`compress_stride` ({d}) must divide `compress_block_size` ({l})")
+    if lp % d != 0:
+        raise ValueError(f"`compress_stride` ({d}) must divide `select_block_size` ({lp})")
+    if lp < l:
+        raise ValueError(f"`select_block_size` ({lp}) must be at least `compress_block_size` ({l})")
+    if q.dim() != 4 or k_cmp.dim() != 4:
+        raise ValueError(f"q and k_cmp must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k_cmp.shape)}")
+    B, Tq, HQ, DK = q.shape
+    HKV = k_cmp.shape[2]
+    if HKV < 1 or HQ % HKV != 0:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of the compressed keys' heads ({HKV})")
+    if k_cmp.shape[0] != B or k_cmp.shape[3] != DK:
+        raise ValueError(f"k_cmp {tuple(k_cmp.shape)} does not match q {tuple(q.shape)} in batch or head dim")
+    if not 1 <= DK <= 256:
+        raise ValueError(f"head dim must be in 1..256, got {DK}")
+    if tuple(lse_cmp.shape) != (B, Tq, HQ):
+        raise ValueError(f"lse_cmp must have shape {(B, Tq, HQ)}, got {tuple(lse_cmp.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if k_cmp.dtype != q.dtype:
+        raise ValueError(f"k_cmp dtype {k_cmp.dtype} must equal q dtype {q.dtype}")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
+    varlen = cu_seqlens_q is not None
+    scale = DK ** -0.5 if scale is None else float(scale)
+    G = HQ // HKV
+    device = q.device
+
+    if varlen:
+        if B != 1:
+            raise ValueError(f"with `cu_seqlens_q` the batch size must be 1 (documents packed along seq), got {B}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
+            raise ValueError("`cu_seqlens_q` and `cu_seqlens_k` must both hold num_docs + 1 >= 2 offsets")
+        cu_q = cu_seqlens_q.to(device=device, dtype=torch.int32)
+        cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
+        cu_c = compressed_cu_seqlens(cu_k, l, d).to(torch.int32)
+        lens_q = (cu_q[1:] - cu_q[:-1]).tolist()
+        lens_k = (cu_k[1:] - cu_k[:-1]).tolist()
+        n_cmp_total = int(cu_c[-1].item())
+        if int(cu_q[-1].item()) != Tq:
+            raise ValueError(f"cu_seqlens_q[-1] ({int(cu_q[-1])}) must equal the packed query length {Tq}")
+        if any(a > b for a, b in zip(lens_q, lens_k)):
+            raise ValueError("every document needs at least as many keys as queries (cu_seqlens_k vs cu_seqlens_q)")
+        if k_cmp.shape[1] != n_cmp_total:
+            raise ValueError(
+                f"k_cmp holds {k_cmp.shape[1]} compressed blocks, the documents of cu_seqlens_k have {n_cmp_total}")
+        num_docs = len(lens_q)
+        max_q = max(lens_q) if lens_q else 0
+        max_k = max(lens_k) if lens_k else 0
+        Tk = max_k
+    else:
+        Tk = Tq if num_keys is None else int(num_keys)
+        if Tk < Tq:
+            raise ValueError(f"num_keys ({Tk}) must be at least the number of queries ({Tq})")
+        cu_q = cu_k = cu_c = torch.zeros(1, dtype=torch.int32, device=device)
+        num_docs = B
+        max_q = Tq
+
+    out = torch.full((B, Tq, HKV, n), -1, dtype=torch.int32, device=device)
+    if B == 0 or Tq == 0 or max_q == 0:
+        return out
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
+    lse_cmp = lse_cmp.to(torch.float32)
+    n_pad = max(_next_pow2(n), 1)
+    g_pad = _next_pow2(G)
+    d1 = max(16, 1 << (DK.bit_length() - 1))
+    d2 = 0 if DK <= d1 else max(16, _next_pow2(DK - d1))
+    r, c = lp // d, l // d
+    r_pad = _next_pow2(r)
+    num_bh = num_docs * HKV
+    const = dict(
+        HKV=HKV, G=G, G_PAD=g_pad, DK=DK, D1=d1, D2=d2, CMP_LEN=l, STRIDE=d, SEL_LEN=lp, R=r, R_PAD=r_pad, C=c,
+        N=n, N_PAD=n_pad, N_INIT=num_initial_blocks, N_LOCAL=num_local_blocks, VARLEN=varlen,
+        IEEE=q.dtype == torch.float32,
+    )
+    args = (
+        q, k_cmp, lse_cmp, out, None, cu_q, cu_k, cu_c,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        lse_cmp.stride(0), lse_cmp.stride(1), lse_cmp.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        Tq, Tk, k_cmp.shape[1], num_bh,
+    )
+    t_bucket = max(16, _next_pow2(max(max_q, 1)))
+    num_sel = triton.cdiv(Tk, lp)  # selection blocks of the longest document
+    on_gpu = device.type == "cuda" and not _interpreting()
+
+    # Fixed tile for the interpreter (few big programs: its cost is per operation), for split launches and for
+    # tests (`_config`); the autotuner picks it on the GPU otherwise.
+    if _config is not None:
+        fixed = {"ROWS": int(_config["ROWS"]), "BS": int(_config["BS"])}
+        if fixed["ROWS"] < max(16, g_pad) or fixed["BS"] < max(16, n_pad):
+            raise ValueError(f"_config {_config} needs ROWS >= max(16, G_PAD={g_pad}) and BS >= max(16, N_PAD={n_pad})")
+    elif on_gpu:
+        fixed = {"ROWS": max(16, g_pad), "BS": max(16, n_pad)}
+    else:
+        bm = min(64, _next_pow2(max_q))
+        fixed = {"ROWS": max(16, bm * g_pad), "BS": max(16, n_pad, min(64, _next_pow2(num_sel)))}
+    tiles_fixed = triton.cdiv(max_q, fixed["ROWS"] // g_pad)
+    chunks = triton.cdiv(num_sel, fixed["BS"])
+
+    # Decoding-like launches (few query tiles, many selection blocks) split the selection blocks over programs.
+    if _num_splits is not None:
+        num_splits = max(1, min(int(_num_splits), chunks))
+    elif on_gpu:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = tiles_fixed * num_bh
+        num_splits = 1
+        if programs < sms and chunks >= 8:
+            num_splits = max(1, min(triton.cdiv(chunks, 4), triton.cdiv(2 * sms, programs)))
+    else:
+        num_splits = 1
+
+    if num_splits > 1:
+        split_chunks = triton.cdiv(chunks, num_splits)
+        num_splits = triton.cdiv(chunks, split_chunks)
+        ws = torch.empty((B * Tq, HKV, num_splits, n_pad), dtype=torch.int64, device=device)
+        args = args[:4] + (ws,) + args[5:]
+        grid = (num_bh * tiles_fixed * num_splits,)
+        _select_kernel[grid](
+            *args, max_q, num_splits, split_chunks, scale * _LOG2E, t_bucket,
+            **const, SPLIT=True, **fixed, num_warps=4, num_stages=1,
+        )
+        return _finish_splits(ws, n, B, Tq, HKV)
+
+    if on_gpu and _config is None:
+        def grid(meta):
+            return (num_bh * triton.cdiv(max_q, meta["ROWS"] // g_pad),)
+
+        _select_kernel_tuned[grid](*args, max_q, 1, 0, scale * _LOG2E, t_bucket, **const, SPLIT=False)
+    else:
+        grid = (num_bh * tiles_fixed,)
+        _select_kernel[grid](
+            *args, max_q, 1, 0, scale * _LOG2E, t_bucket, **const, SPLIT=False, **fixed, num_warps=4, num_stages=1,
+        )
+    return out
+
+
+def _finish_splits(ws: torch.Tensor, n: int, B: int, Tq: int, HKV: int) -> torch.Tensor:
+    """Merge the per-split best keys `[B*Tq, HKV, S, N_PAD]` into the final ascending `[B, Tq, HKV, n]` indices."""
+    keys = ws.flatten(2)
+    top = torch.topk(keys, n, dim=-1).values  # descending keys = best blocks first, ties to the lower block
+    idx = torch.where(top >= 0, _MAX_LOW - (top & 0xFFFFFFFF), torch.full_like(top, _MAX_LOW))
+    idx = torch.sort(idx, dim=-1).values
+    idx = torch.where(idx == _MAX_LOW, torch.full_like(idx, -1), idx)
+    return idx.to(torch.int32).reshape(B, Tq, HKV, n)
+
+
+__all__ = ["select_blocks"]
