@@ -291,6 +291,8 @@ def test_bad_inputs_raise_clear_errors():
                            cu_seqlens_q=cu, cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="block_m"):
         selected_attention_fwd(q, k, v, idx, 16, block_m=48)
+    with pytest.raises(ValueError, match="more queries"):
+        selected_attention(q, k[:, :4], v[:, :4], idx, 16)
     with pytest.raises(ValueError, match="share one of"):
         selected_attention(q.double(), k.double(), v.double(), idx, 16)
 

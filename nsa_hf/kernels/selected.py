@@ -549,6 +549,11 @@ def _validate(q, k, v, block_indices, select_block_size, cu_seqlens_q, cu_seqlen
         raise ValueError(f"select_block_size must be a positive int, got {select_block_size!r}")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
+    if cu_seqlens_q is None and Tq > k.shape[1]:
+        raise ValueError(
+            f"more queries ({Tq}) than keys ({k.shape[1]}): queries are the last positions of the keys, so q_len must "
+            "be at most k_len"
+        )
     if cu_seqlens_q is not None:
         if B != 1:
             raise ValueError(f"with `cu_seqlens_q` the batch size must be 1 (documents packed along seq), got {B}")
@@ -796,3 +801,52 @@ def selected_attention(
 
 
 __all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd", "SelectedAttentionFunction"]
+
+
+def _synthetic_selection(B, T, HKV, n, L, device, seed=0):
+    """
+    Block indices with the structure of real NSA selections, cheap to make at long T: block 0 and the two local
+    blocks always, the rest the top blocks of a score that is shared by the 64 queries of a chunk plus per-query noise.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    NS = triton.cdiv(T, L)
+    t = torch.arange(T, device=device)
+    chunk_scores = torch.rand(B, triton.cdiv(T, 64), HKV, NS, device=device, generator=gen)
+    scores = chunk_scores.repeat_interleave(64, dim=1)[:, :T] + 0.3 * torch.rand(B, T, HKV, NS, device=device, generator=gen)
+    j = torch.arange(NS, device=device)
+    cur = (t // L)[:, None]
+    scores = scores.masked_fill(((j[None, :] == 0) | (j[None, :] >= cur - 1))[None, :, None, :], 2.0)
+    scores = scores.masked_fill((j[None, :] > cur)[None, :, None, :], -1.0)
+    top = scores.topk(min(n, NS), dim=-1)
+    idx = torch.where(top.values >= 0, top.indices, NS + 1).sort(dim=-1).values
+    return torch.where(idx > NS, -1, idx).to(torch.int32)
+
+
+def _benchmark(seqlens=(8192, 16384, 32768), HQ=64, HKV=4, DK=192, DV=128, L=64, n=16):
+    """Forward and forward+backward time of `selected_attention` vs dense causal SDPA (bf16, CUDA)."""
+    from triton.testing import do_bench
+
+    dev = "cuda"
+    for T in seqlens:
+        q = torch.randn(1, T, HQ, DK, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, T, HKV, DK, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, T, HKV, DV, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        idx = _synthetic_selection(1, T, HKV, n, L, dev)
+        do = torch.randn(1, T, HQ, DV, device=dev, dtype=torch.bfloat16)
+        fwd = do_bench(lambda: selected_attention_fwd(q, k, v, idx, L))
+        o, lse = selected_attention_fwd(q, k, v, idx, L)
+        bwd = do_bench(lambda: selected_attention_bwd(do, q, k, v, o, lse, idx, L))
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        dense_f = do_bench(lambda: sdpa(qt, kt, vt, is_causal=True, enable_gqa=True))
+        od = sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
+        dense_b = do_bench(lambda: torch.autograd.grad(od, (qt, kt, vt), do.transpose(1, 2), retain_graph=True))
+        print(
+            f"T={T:6d} HQ={HQ} HKV={HKV} DK={DK} DV={DV} l'={L} n={n}: selected fwd {fwd:7.3f} ms bwd {bwd:7.3f} ms | "
+            f"dense SDPA fwd {dense_f:7.3f} ms bwd {dense_b:7.3f} ms | speedup fwd {dense_f / fwd:5.2f}x "
+            f"bwd {dense_b / bwd:5.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    _benchmark()
