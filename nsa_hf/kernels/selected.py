@@ -324,9 +324,10 @@ def _dq_kernel(
 def _dkdv_configs():
     if _INTERPRET:
         return [triton.Config({"BM": 32}, num_warps=4, num_stages=1)]
+    # (64 rows, 4 warps) spills registers at DK >= 128 (ptxas on sm_90), so it is not offered.
     return [
         triton.Config({"BM": bm}, num_warps=w, num_stages=s)
-        for bm in (32, 64) for w in (4, 8) for s in (2, 3)
+        for bm, w, s in ((32, 4, 2), (32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3))
     ]
 
 
@@ -593,7 +594,9 @@ class _Tiles:
             self.tile_doc = self.tile_row0 = torch.zeros(1, dtype=torch.int32, device=dev)
         npos = _tile_positions(G, BM)
         self.npos = npos
-        self.maxu = max(1, npos * pk.n)
+        # A union never holds more blocks than a document has (caps the table for small G and long selections).
+        max_blocks = triton.cdiv(pk.Nk, pk.L) if pk.varlen else triton.cdiv(pk.TK, pk.L)
+        self.maxu = max(1, min(npos * pk.n, max_blocks))
         self.ub = torch.empty(self.num * pk.HKV * self.maxu, dtype=torch.int32, device=dev)
         self.um = torch.empty(self.num * pk.HKV * self.maxu, dtype=torch.int64, device=dev)
         self.uc = torch.zeros(self.num * pk.HKV, dtype=torch.int32, device=dev)
