@@ -87,7 +87,7 @@ def test_auto_classes_after_plain_import_in_a_fresh_process(tmp_path):
         "assert type(AutoModel.from_pretrained(path)).__name__ == 'NSAModel'\n"
         "print(m(torch.arange(20)[None]).logits.shape)\n"
     )
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([1, 20, 128])" in result.stdout

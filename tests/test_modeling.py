@@ -37,6 +37,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy CPU machine they cost a lot of synchronisation."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_config(**overrides) -> NSAConfig:
     return NSAConfig(**{**DIMS, **NSA_SIZES, **overrides})
 

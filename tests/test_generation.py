@@ -1,0 +1,284 @@
+"""
+NSACache and generation on CPU (reference backend), fp32: incremental decoding and chunked prefill equal one full
+forward, padded rows equal the rows alone, generate (greedy, sampling, beams, left-padded batches) works.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from nsa_hf import NSAConfig, NSAForCausalLM
+from nsa_hf.kernels import num_compressed_blocks
+from nsa_hf.modeling import NSACache
+
+DIMS = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+)
+NSA_SIZES = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4, window_size=16)
+VARIANTS = {
+    "mlp": {},
+    "mean": dict(compress_function="mean"),
+    "separate_kv": dict(shared_kv=False),
+    "qk_norm": dict(use_qk_norm=True),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy CPU machine they cost a lot of synchronisation."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_model(seed=0, **overrides) -> NSAForCausalLM:
+    torch.manual_seed(seed)
+    model = NSAForCausalLM(NSAConfig(**{**DIMS, **NSA_SIZES, **overrides}))
+    with torch.no_grad():  # gates and phi off their init, so that every branch matters
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("gate_proj", "compress_key", "compress_value")):
+                param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def tokens(batch, length, seed=1):
+    # never the pad id 0, so that generated continuations compare cleanly
+    return torch.randint(1, DIMS["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cache_of(output):
+    """The cache of a model/generate output: `cache` in transformers >= 5.24, `past_key_values` before."""
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+
+def assert_close(actual, expected, atol=1e-4):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
+def left_pad(rows):
+    width = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[1] :], mask[i, width - row.shape[1] :] = row[0], 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunked_prefill_and_decoding_equal_one_full_forward(variant):
+    model = make_model(**VARIANTS[variant])
+    ids = tokens(2, 100)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :45], use_cache=True)
+        cache = cache_of(out)
+        assert isinstance(cache, NSACache)
+        pieces = [out.logits]
+        pieces.append(model(ids[:, 45:75], past_key_values=cache).logits)  # a chunk that completes several blocks
+        for t in range(75, 100):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    assert cache.get_seq_length() == 100
+    assert_close(torch.cat(pieces, dim=1), full)
+
+
+def _count_compressed_blocks(model):
+    """Hook phi of every layer's keys; return the list that collects how many blocks each call compressed."""
+    counts = []
+    for layer in model.model.layers:
+        layer.self_attn.compress_key.register_forward_hook(
+            lambda module, args, output: counts.append(output.shape[:-2].numel())
+        )
+    return counts
+
+
+def test_each_block_is_compressed_once():
+    model = make_model()
+    counts = _count_compressed_blocks(model)
+    ids = tokens(3, 90)
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :30], use_cache=True))
+        for t in range(30, 90):
+            model(ids[:, t : t + 1], past_key_values=cache)
+    layers = model.config.num_hidden_layers
+    assert sum(counts) == layers * 3 * num_compressed_blocks(90, 8, 4)
+    # the same with rows of different real lengths (left padding)
+    counts.clear()
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((30, 17, 4))]
+    ids, mask = left_pad(rows)
+    more = tokens(3, 60, seed=7)
+    with torch.no_grad():
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        for t in range(60):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            model(more[:, t : t + 1], attention_mask=mask, past_key_values=cache)
+    expected = sum(num_compressed_blocks(r.shape[1] + 60, 8, 4) for r in rows)
+    assert sum(counts) == layers * expected
+
+
+@pytest.mark.parametrize("variant", ["mlp", "separate_kv"])
+def test_left_padded_cached_decoding_equals_each_row_alone(variant):
+    model = make_model(**VARIANTS[variant])
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((50, 23, 6))]
+    more = tokens(3, 40, seed=5)
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache = cache_of(out)
+        prefill = out.logits
+        mask = torch.cat([mask, torch.ones(3, 10, dtype=torch.long)], dim=1)
+        pieces = [model(more[:, :10], attention_mask=mask, past_key_values=cache).logits]
+        for t in range(10, 40):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            pieces.append(model(more[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits)
+        decoded = torch.cat(pieces, dim=1)
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, more[i : i + 1]], dim=1)).logits[0]
+            n = row.shape[1]
+            assert_close(prefill[i, -n:], alone[:n])
+            assert_close(decoded[i], alone[n:])
+
+
+def test_crop_and_batch_edits_keep_the_cache_consistent():
+    model = make_model()
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((45, 31))]
+    more = tokens(2, 30, seed=3)
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        mask = torch.cat([mask, torch.ones(2, 30, dtype=torch.long)], dim=1)
+        model(more[:, :20], attention_mask=mask[:, :-10], past_key_values=cache)
+        # roll back 12 tokens (as assisted decoding does) and go on from there
+        cache.crop(-12)
+        assert cache.get_seq_length() == 45 + 8
+        logits = model(more[:, 8:30], attention_mask=mask, past_key_values=cache).logits
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, more[i : i + 1]], dim=1)).logits[0, -22:]
+            assert_close(logits[i], alone)
+        # keep only the second row, then decode it alone
+        cache.batch_select_indices(torch.tensor([1]))
+        nxt = tokens(1, 1, seed=9)
+        step = model(nxt, attention_mask=torch.cat([mask[1:], torch.ones(1, 1, dtype=torch.long)], 1),
+                     past_key_values=cache).logits
+        alone = model(torch.cat([rows[1], more[1:2], nxt], dim=1)).logits[0, -1]
+        assert_close(step[0, -1], alone)
+        # duplicate it (beam expansion), the two copies decode alike
+        cache.batch_repeat_interleave(2)
+        nxt2 = tokens(2, 1, seed=4)[:1].repeat(2, 1)
+        mask2 = torch.ones(2, cache.get_seq_length() + 1, dtype=torch.long)
+        mask2[:, :45 - 31] = 0
+        two = model(nxt2, attention_mask=mask2, past_key_values=cache).logits
+        assert_close(two[0], two[1], atol=1e-6)
+
+
+def test_an_empty_cache_of_another_kind_is_replaced_by_an_nsa_cache():
+    model = make_model()
+    ids = tokens(1, 20)
+    with torch.no_grad():
+        out = model(ids, past_key_values=DynamicCache(), use_cache=True)
+    assert isinstance(cache_of(out), NSACache) and cache_of(out).get_seq_length() == 20
+
+
+# ----------------------------------------------------------------------------------------------- generate
+
+
+def test_greedy_generate_equals_a_plain_loop_and_needs_no_cache():
+    model = make_model()
+    ids = tokens(2, 40)
+    generated = model.generate(ids, max_new_tokens=40, do_sample=False)
+    assert torch.equal(generated, model.generate(ids, max_new_tokens=40, do_sample=False, use_cache=False))
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(40):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+def test_generate_makes_an_nsa_cache():
+    model = make_model()
+    out = model.generate(tokens(1, 30), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = cache_of(out)
+    assert isinstance(cache, NSACache) and cache.get_seq_length() == 34  # the last token is not fed back
+
+
+def test_sampling_is_reproducible_and_cache_independent():
+    model = make_model()
+    ids = tokens(2, 30)
+    kwargs = dict(max_new_tokens=30, do_sample=True, top_k=20, temperature=0.9)
+    torch.manual_seed(123)
+    first = model.generate(ids, **kwargs)
+    torch.manual_seed(123)
+    second = model.generate(ids, **kwargs)
+    torch.manual_seed(123)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert first.shape == (2, 60) and torch.equal(first, second) and torch.equal(first, uncached)
+    assert int(first.min()) >= 0 and int(first.max()) < DIMS["vocab_size"]
+
+
+@pytest.mark.parametrize("variant", ["mlp", "separate_kv"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
+    model = make_model(**VARIANTS[variant])
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((44, 19, 3))]
+    ids, mask = left_pad(rows)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=35, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = model.generate(row, max_new_tokens=35, do_sample=False)
+        assert torch.equal(batch[i, -35:], alone[0, -35:]), i
+
+
+def test_beam_search_with_the_cache_equals_without():
+    model = make_model()
+    ids = tokens(2, 30)
+    kwargs = dict(max_new_tokens=15, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_dense_mode_generates_like_llama():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM._from_config(LlamaConfig(**DIMS), attn_implementation="sdpa").eval()
+    nsa = NSAForCausalLM._from_config(NSAConfig(**DIMS, **NSA_SIZES), attn_implementation="sdpa").eval()
+    nsa.load_state_dict(llama.state_dict(), strict=False)
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((30, 12))]
+    ids, mask = left_pad(rows)
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(nsa.generate(ids, **kwargs), llama.generate(ids, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_cached_decoding_matches_full_forward():
+    torch.manual_seed(0)
+    config = NSAConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, compress_block_size=32, compress_stride=16, select_block_size=64,
+        num_selected_blocks=8, window_size=256, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    model = NSAForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    rows = [torch.randint(1, 1024, (1, n), device="cuda") for n in (1500, 900)]
+    width = 1500
+    ids = torch.zeros(2, width, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[1] :], mask[i, width - row.shape[1] :] = row[0], 1
+    more = torch.randint(1, 1024, (2, 64), device="cuda")
+    with torch.no_grad():
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        steps = []
+        for t in range(64):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long, device="cuda")], dim=1)
+            steps.append(model(more[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits)
+        decoded = torch.cat(steps, dim=1).float()
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, more[i : i + 1]], dim=1)).logits[0, -64:].float()
+            assert (decoded[i] - alone).abs().max() < 0.05 * alone.abs().max()
+        # batch 1, no padding: the plain cached path
+        cache = cache_of(model(rows[0], use_cache=True))
+        step = model(more[:1, :1], past_key_values=cache).logits[0, -1].float()
+        alone = model(torch.cat([rows[0], more[:1, :1]], dim=1)).logits[0, -1].float()
+        assert (step - alone).abs().max() < 0.05 * alone.abs().max()
