@@ -7,7 +7,7 @@ A query at position t attends to key s iff `s // select_block_size` is among the
 (`block_indices`) and `s <= t` (only the block holding t is cut by the causal mask). Oracle:
 `nsa_hf.kernels.reference.selected_attention_ref`.
 
-Design (see also the README "Design" section):
+Design:
 
 * Everything runs on a packed layout: q `[Nq, HQ, DK]`, k/v `[Nk, HKV, D*]` with document offsets (a plain batch is
   B equal documents), so varlen and batched inputs share one code path.
@@ -22,7 +22,7 @@ Design (see also the README "Design" section):
   positions selected it. The main loops then just walk `(block, position-mask)` pairs, so the merge costs nothing
   inside the attention loop, and the forward and the dQ kernels reuse the same table layout.
 * Backward. dQ (and delta = rowsum(dO * O)) use the same union loop with p recomputed from the saved log-sum-exp.
-  dK/dV use a reverse index (CSR built with sort/bincount/cumsum, O(Nq * HKV * n) memory): for every (KV head,
+  dK/dV use a reverse index (CSR built with a stable sort and searchsorted, O(Nq * HKV * n) memory): for every (KV head,
   KV block) the sorted list of query positions that selected it. A dK/dV program owns one KV block (or a 64-key
   chunk of it) and walks a segment of that list in chunks of BM gathered rows (positions x heads-in-group), keeping
   dK/dV in fp32 registers. Lists longer than one segment (block 0 is selected by every query, local blocks by
@@ -31,7 +31,6 @@ Design (see also the README "Design" section):
   and touches only selected (position, block) pairs: no T x T or T x (T/l') tensor is ever built.
 """
 
-import math
 import os
 
 import torch
@@ -482,7 +481,6 @@ class _Packed:
 
     def __init__(self, q, k, v, block_indices, select_block_size, scale, cu_seqlens_q, cu_seqlens_k):
         _validate(q, k, v, block_indices, select_block_size, cu_seqlens_q, cu_seqlens_k)
-        self.shape_q, self.shape_k, self.shape_v = q.shape, k.shape, v.shape
         B, Tq, HQ, DK = q.shape
         _, Tk, HKV, DV = v.shape
         self.B, self.HQ, self.HKV, self.G, self.DK, self.DV = B, HQ, HKV, HQ // HKV, DK, DV
