@@ -105,7 +105,9 @@ class NSACacheLayer(CacheLayerMixin):
     def _ensure(buffers: dict, name: str, like: torch.Tensor, needed: int, growth: int) -> torch.Tensor:
         """The buffer `name` with room for `needed` columns, (re)allocated like `like` `[batch, n, heads, dim]`."""
         buf = buffers.get(name)
-        if buf is not None and buf.shape[1] >= needed and buf.shape[0] == like.shape[0]:
+        if buf is not None and buf.shape[0] != like.shape[0]:
+            raise ValueError(f"the cache holds {buf.shape[0]} rows but the inputs have batch size {like.shape[0]}")
+        if buf is not None and buf.shape[1] >= needed:
             return buf
         capacity = _round_up(max(needed, 1), growth)
         new = like.new_zeros(like.shape[0], capacity, *like.shape[2:])

@@ -329,11 +329,14 @@ class NSAAttention(nn.Module):
             if cache_layer is not None:
                 states = cache_layer.append(states)
             compressed = []
+            completes_blocks = cache_layer is None or layout.num_compressed_new > layout.num_compressed_old
             for source, (name, compress) in zip(sources, compressors):
-                new = compress(unfold_compression_blocks(states[source][:, layout.num_compressed_old * d :], l, d))
+                if completes_blocks:  # most decoding steps complete no block: no phi call then
+                    new = compress(unfold_compression_blocks(states[source][:, layout.num_compressed_old * d :], l, d))
                 if cache_layer is not None:
-                    cache_layer.write_compressed(name, new, layout.num_compressed_old)
-                    new = cache_layer.get_compressed(name, layout.num_compressed_new, like=new)
+                    if completes_blocks:
+                        cache_layer.write_compressed(name, new, layout.num_compressed_old)
+                    new = cache_layer.get_compressed(name, layout.num_compressed_new, like=states[source])
                 compressed.append(new)
             return nsa_attention(
                 query_states, states["key"], states["value"], *compressed, gates,
