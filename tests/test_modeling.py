@@ -252,6 +252,11 @@ def test_padding_gives_the_outputs_of_the_unpadded_rows(side):
         padded = model(ids, attention_mask=mask).logits
         for i, row in enumerate(rows):
             assert_close(padded[i, spans[i]], model(row).logits[0])
+        # a row of nothing but padding, and a batch of nothing but padding, do not break anything
+        with_empty = model(torch.cat([ids, ids[:1]]), attention_mask=torch.cat([mask, torch.zeros_like(mask[:1])])).logits
+        assert torch.isfinite(with_empty).all()
+        assert_close(with_empty[:-1], padded)
+        assert torch.isfinite(model(ids, attention_mask=torch.zeros_like(mask)).logits).all()
 
 
 def test_packed_documents_never_attend_across_documents():

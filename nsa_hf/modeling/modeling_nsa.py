@@ -363,12 +363,13 @@ class NSAAttention(nn.Module):
                     for (row, _, first, _), blocks in zip(layout.block_updates, new):
                         cache_layer.write_compressed(name, blocks, first, row=row)
                 like = states[source]
-                compressed.append(torch.cat(
-                    [cache_layer.get_compressed(name, count, like, row=row) for row, count in layout.compressed_counts]
-                ).unsqueeze(0))
+                per_row = [cache_layer.get_compressed(name, count, like, row=row) for row, count in layout.compressed_counts]
+                compressed.append(torch.cat(per_row or [like.new_zeros(0, *like.shape[2:])]).unsqueeze(0))
             states = {name: x[layout.key_rows, layout.key_cols].unsqueeze(0) for name, x in states.items()}
         else:
             raise ValueError(f"unknown NSA layout mode {layout.mode!r}")
+        if layout.query_index.numel() == 0:  # nothing but padding in this forward
+            return query_states.new_zeros(batch_size, q_len, self.num_heads, states["value"].shape[-1])
 
         out = nsa_attention(
             pack_queries(query_states), states["key"], states["value"], *compressed, pack_queries(gates),
