@@ -426,3 +426,64 @@ def test_gpu_triton_model_matches_reference_backend(monkeypatch, shared_kv):
     for name, ref in ref_grads.items():
         err = (grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err < 0.05, (name, err.item())
+
+
+def test_trainer_trains_on_packed_documents(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = make_model(randomize=False).train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = [{"input_ids": tokens(1, n, seed=i)[0].tolist()} for i, n in enumerate((40, 25, 60, 33, 51, 19))]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithFlattening())
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    # every parameter learns, the compression MLP's `up_proj` too once `down_proj` has left zero after step 1
+    unchanged = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
+    assert unchanged == []
+
+
+def test_peft_lora_wraps_the_nsa_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model()
+    ids = tokens(2, 48)
+    with torch.no_grad():
+        base = model(ids).logits
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"]))
+    with torch.no_grad():
+        assert_close(lora(input_ids=ids).logits, base)  # LoRA B starts at zero
+    lora.train()
+    lora(input_ids=ids, labels=ids).loss.backward()
+    trainable = [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+    assert any("gate_proj.lora_B" in n and p.grad.abs().sum() > 0 for n, p in trainable)
+
+
+def test_checkpoint_without_nsa_weights_loads_with_the_nsa_init(tmp_path):
+    # A dense checkpoint (q/k/v/o, MLP, norms, embeddings only) loads into an NSA model whose gates start at 1/3 and
+    # whose compression starts as mean pooling, whatever the seed.
+    from safetensors.torch import load_file, save_file
+
+    make_model(seed=3).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dense = {k: v for k, v in weights.items() if not any(s in k for s in ("gate_proj", "compress_"))}
+    assert len(dense) < len(weights)
+    save_file(dense, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = NSAForCausalLM.from_pretrained(tmp_path)
+        for name, param in model.state_dict().items():
+            if name in dense:
+                assert torch.equal(param, dense[name]), name
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            assert torch.equal(attn.gate_proj.weight, torch.zeros_like(attn.gate_proj.weight))
+            assert_close(torch.sigmoid(attn.gate_proj.bias), torch.full((12,), 1 / 3), atol=1e-7)
+            for phi in (attn.compress_key, attn.compress_value):
+                assert not phi.position_embedding.any() and not phi.down_proj.weight.any() and not phi.down_proj.bias.any()
+                assert phi.up_proj.weight.std() > 0
