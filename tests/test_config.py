@@ -83,11 +83,13 @@ def test_auto_classes_after_plain_import_in_a_fresh_process(tmp_path):
         f"path = {str(tmp_path)!r}\n"
         "assert type(AutoConfig.from_pretrained(path)).__name__ == 'NSAConfig'\n"
         "m = AutoModelForCausalLM.from_pretrained(path)\n"
-        "assert type(m).__name__ == 'NSAForCausalLM' and m.config._attn_implementation == 'nsa', m.config._attn_implementation\n"
+        "assert type(m).__name__ == 'NSAForCausalLM', type(m)\n"
+        "assert m.config._attn_implementation == 'nsa', m.config._attn_implementation\n"
         "assert type(AutoModel.from_pretrained(path)).__name__ == 'NSAModel'\n"
         "print(m(torch.arange(20)[None]).logits.shape)\n"
     )
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    pythonpath = REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([1, 20, 128])" in result.stdout

@@ -211,7 +211,9 @@ class NSACache(Cache):
                 f"the cache holds {self.layers[0].batch_size} rows but the inputs have batch size {batch_size}"
             )
         device = new_mask.device if new_mask is not None else self.key_mask.device
-        past_mask = self.key_mask if self.key_mask is not None else torch.ones(batch_size, past, dtype=torch.bool, device=device)
+        past_mask = self.key_mask
+        if past_mask is None:
+            past_mask = torch.ones(batch_size, past, dtype=torch.bool, device=device)
         if new_mask is None:
             new_mask = torch.ones(batch_size, num_new, dtype=torch.bool, device=device)
         old_lengths = self.real_lengths if self.real_lengths is not None else [past] * batch_size

@@ -53,7 +53,8 @@ logger = logging.get_logger(__name__)
 NSA_ATTENTION = "nsa"
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache` (with a deprecation shim);
-# 5.17 only knows `past_key_values`. Our forwards accept both names and fill the output field this transformers declares.
+# 5.17 only knows `past_key_values`. Our forwards accept both names and fill the output field this transformers
+# declares.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
@@ -87,8 +88,8 @@ class NSAGateProjection(nn.Linear):
 
 class NSACompression(nn.Module):
     """
-    phi of Eq. 7: maps each compression block `[..., compress_block_size, heads, dim]` to one vector `[..., heads, dim]`,
-    with the same weights for every head.
+    phi of Eq. 7: maps each compression block `[..., compress_block_size, heads, dim]` to one vector
+    `[..., heads, dim]`, with the same weights for every head.
 
     - `"mean"`: parameter-free mean pooling.
     - `"mlp"`: a learned position embedding `[compress_block_size, dim]` is added to the block, which is then
@@ -162,7 +163,8 @@ def build_nsa_layout(
     if step is None:
         if packed_cu_seqlens is not None:
             index = torch.arange(batch_size * q_len, device=device)
-            return NSALayout("packed", query_index=index, cu_seqlens_q=packed_cu_seqlens, cu_seqlens_k=packed_cu_seqlens)
+            cu = packed_cu_seqlens
+            return NSALayout("packed", query_index=index, cu_seqlens_q=cu, cu_seqlens_k=cu)
         if new_mask is None:
             return NSALayout("batched", 0, ncmp(q_len))
         lengths = new_mask.sum(1)
@@ -264,7 +266,9 @@ class NSAAttention(nn.Module):
             attn_weights = None
         else:
             # Dense mode: Llama's attention, [batch, heads, seq, head_dim].
-            query_states, key_states, value_states = (t.transpose(1, 2) for t in (query_states, key_states, value_states))
+            query_states, key_states, value_states = (
+                t.transpose(1, 2) for t in (query_states, key_states, value_states)
+            )
             if past_key_values is not None:
                 key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
             attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -363,7 +367,9 @@ class NSAAttention(nn.Module):
                     for (row, _, first, _), blocks in zip(layout.block_updates, new):
                         cache_layer.write_compressed(name, blocks, first, row=row)
                 like = states[source]
-                per_row = [cache_layer.get_compressed(name, count, like, row=row) for row, count in layout.compressed_counts]
+                per_row = [
+                    cache_layer.get_compressed(name, count, like, row=row) for row, count in layout.compressed_counts
+                ]
                 compressed.append(torch.cat(per_row or [like.new_zeros(0, *like.shape[2:])]).unsqueeze(0))
             states = {name: x[layout.key_rows, layout.key_cols].unsqueeze(0) for name, x in states.items()}
         else:
@@ -492,8 +498,8 @@ class NSAModel(NSAPreTrainedModel):
         r"""
         Like `LlamaModel.forward`. `past_key_values` and `cache` are the same argument (transformers 5.17 / 5.24
         names). Packed documents: pass restarting `position_ids` (no `attention_mask`), or `cu_seq_lens_q` /
-        `cu_seq_lens_k` with the tokens of all documents in one row. A 2-D `attention_mask` marks padding (left or right);
-        without `position_ids`, positions then count real tokens only.
+        `cu_seq_lens_k` with the tokens of all documents in one row. A 2-D `attention_mask` marks padding (left or
+        right); without `position_ids`, positions then count real tokens only.
         """
         past_key_values = _pick_cache(past_key_values, cache)
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -582,7 +588,8 @@ class NSAModel(NSAPreTrainedModel):
             cache = NSACache(self.config)
 
         if position_ids is None:
-            if attention_mask is not None and (new_mask is not None or (cache is not None and cache.key_mask is not None)):
+            padded_cache = cache is not None and cache.key_mask is not None
+            if attention_mask is not None and (new_mask is not None or padded_cache):
                 position_ids = _default_position_ids(inputs_embeds, attention_mask, past)
             elif cache is not None and cache.real_lengths is not None:
                 starts = torch.tensor(cache.real_lengths, device=device)[:, None]
@@ -707,5 +714,11 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
-    "NSAPreTrainedModel", "NSAModel", "NSAForCausalLM", "NSAAttention", "NSACompression", "NSAGateProjection", "NSALayout",
+    "NSAPreTrainedModel",
+    "NSAModel",
+    "NSAForCausalLM",
+    "NSAAttention",
+    "NSACompression",
+    "NSAGateProjection",
+    "NSALayout",
 ]
