@@ -175,6 +175,17 @@ def test_several_chunks_and_tiles():
     _run_and_check(Tq=180, HQ=2, HKV=2, D=16, l=4, d=4, lp=4, n=5, _config=dict(ROWS=64, BS=16), seed=1)
 
 
+@pytest.mark.parametrize(
+    "HQ,HKV,rows,head_mask",
+    [(8, 2, 64, 0b101000), (8, 2, 64, 0b001001), (7, 1, 64, 0b101001), (2, 1, 32, 0b10000), (4, 1, 16, 0b1100)],
+)
+def test_head_bit_layouts(HQ, HKV, rows, head_mask):
+    """Any assignment of the tile's row bits to (head, position) gives the same result (the kernel picks one that
+    keeps the head sum inside threads; here other ones are forced)."""
+    _run_and_check(Tq=70, HQ=HQ, HKV=HKV, D=16, l=8, d=4, lp=16, n=4, seed=head_mask,
+                   _config=dict(ROWS=rows, BS=16, HEAD_MASK=head_mask))
+
+
 @pytest.mark.parametrize("D", [16, 24, 80])
 def test_head_dims(D):
     """Head dims that are (16) and are not (24 = 16 + 8 padded, 80 = 64 + 16) powers of two."""

@@ -34,8 +34,8 @@ Design (FlashAttention-2 style, written for H100 / bf16):
 Nothing of size T x T or T x Nc is ever allocated.
 """
 
-import math
 import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -251,12 +251,13 @@ def _band_fwd_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_DV2 if BLOCK_DV2 > 0 else 16], dtype=tl.float32)
 
     lo_a, end_a, full_lo, full_hi, hi = _key_ranges(p_first, p_last, n_keys, window, key_stride, key_end, BLOCK_N, WINDOWED)
-    for start_n in range(lo_a, end_a, BLOCK_N):
-        acc1, acc2, m_i, l_i = _fwd_step(
-            acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
-            stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-            BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
-        )
+    if WINDOWED:  # masked tiles at the window's low edge (none for a causal band)
+        for start_n in range(lo_a, end_a, BLOCK_N):
+            acc1, acc2, m_i, l_i = _fwd_step(
+                acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
+                stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
+                BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
+            )
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc1, acc2, m_i, l_i = _fwd_step(
             acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
@@ -356,11 +357,12 @@ def _dq_step(
 
 @triton.jit
 def _band_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     TILE_DOC, TILE_CUM, CU_Q, CU_K, CU_N,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lt,
@@ -368,9 +370,10 @@ def _band_dq_kernel(
     sm_scale, qk_scale, window, key_stride, key_end,
     G: tl.constexpr, HG: tl.constexpr, NUM_HC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DK1: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV1: tl.constexpr, BLOCK_DV2: tl.constexpr,
-    WINDOWED: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, COMPUTE_DELTA: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ per query tile; with COMPUTE_DELTA it first derives delta = rowsum(dO * O) and stores it for dK/dV."""
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
     kvh = pid_h // NUM_HC
@@ -416,7 +419,16 @@ def _band_dq_kernel(
     lse = tl.load(LSE + l_offs, mask=row_ok, other=0.0)
     # a row that sees no key (lse = -inf) gets P = 0 everywhere
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + l_offs, mask=row_ok, other=0.0)
+    if COMPUTE_DELTA:
+        o_ptrs = O + (bb * stride_ob + row_t * stride_ot + head * stride_oh)[:, None]
+        o1 = tl.load(o_ptrs + offs_dv1[None, :], mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+        if BLOCK_DV2 > 0:
+            o2 = tl.load(o_ptrs + offs_dv2[None, :], mask=row_ok[:, None], other=0.0)
+            delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+        tl.store(DELTA + l_offs, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + l_offs, mask=row_ok, other=0.0)
 
     k_base = K + bb * stride_kb + n0.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
     v_base = V + bb * stride_vb + n0.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
@@ -424,12 +436,13 @@ def _band_dq_kernel(
     dq2 = tl.zeros([BLOCK_M, BLOCK_DK2 if BLOCK_DK2 > 0 else 16], dtype=tl.float32)
 
     lo_a, end_a, full_lo, full_hi, hi = _key_ranges(p_first, p_last, n_keys, window, key_stride, key_end, BLOCK_N, WINDOWED)
-    for start_n in range(lo_a, end_a, BLOCK_N):
-        dq1, dq2 = _dq_step(
-            dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
-            key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-            BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
-        )
+    if WINDOWED:  # masked tiles at the window's low edge (none for a causal band)
+        for start_n in range(lo_a, end_a, BLOCK_N):
+            dq1, dq2 = _dq_step(
+                dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
+                key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
+                BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
+            )
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq1, dq2 = _dq_step(
             dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
@@ -597,13 +610,14 @@ def _band_dkdv_kernel(
                 kvh, qk_scale, window, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
                 G, HG, BLOCK_T, BLOCK_M, BLOCK_DK2, BLOCK_DV2, False, WINDOWED, DOT_PREC,
             )
-        for it in range(n_a + n_b, n_tot):
-            dk1, dk2, dv1, dv2 = _dkdv_step(
-                dk1, dk2, dv1, dv2, k1, k2, v1, v2, e_cols, col_ok, p_lo + it * BLOCK_T, p_hi, shift, hc,
-                q_base, do_base, LSE, DELTA, l_base, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
-                kvh, qk_scale, window, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-                G, HG, BLOCK_T, BLOCK_M, BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
-            )
+        if WINDOWED:  # masked query tiles at the window's far edge (none for a causal band)
+            for it in range(n_a + n_b, n_tot):
+                dk1, dk2, dv1, dv2 = _dkdv_step(
+                    dk1, dk2, dv1, dv2, k1, k2, v1, v2, e_cols, col_ok, p_lo + it * BLOCK_T, p_hi, shift, hc,
+                    q_base, do_base, LSE, DELTA, l_base, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+                    kvh, qk_scale, window, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
+                    G, HG, BLOCK_T, BLOCK_M, BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
+                )
 
     # without atomics every key tile stores, zeros for keys that no query sees
     dk_ptrs = DK_OUT + bb * stride_dkb + kvh.to(tl.int64) * stride_dkh + (n0 + cols).to(tl.int64)[:, None] * stride_dkt
@@ -659,17 +673,31 @@ def _dims(args):
     return args["BLOCK_DK1"] + args["BLOCK_DK2"], args["BLOCK_DV1"] + args["BLOCK_DV2"]
 
 
+# Register budget, from compiling the kernels for sm_90a with ptxas (H100): with 128-row query tiles 4 warps spill
+# (fp32 accumulator 128 x D plus the 128 x BLOCK_N scores), 8 warps do not; the dK/dV accumulators (BLOCK_N x (DK+DV)
+# fp32) only leave room for 8 warps, and for 64-row query steps only when DK + DV <= 256.
 def _prune_q_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     dk, dv = _dims(args)
-    kept = [c for c in configs if _smem_ok(args["BLOCK_M"], c.kwargs["BLOCK_N"], dk, dv, c.num_stages)]
+    bm = args["BLOCK_M"]
+    kept = [
+        c for c in configs
+        if _smem_ok(bm, c.kwargs["BLOCK_N"], dk, dv, c.num_stages)
+        and (c.num_warps == 8 if bm >= 128 else c.num_warps == 4 if bm <= 32 else True)
+        and not (c.kwargs["BLOCK_N"] >= 128 and dk + dv > 256)
+    ]
     return kept or configs[:1]
 
 
 def _prune_k_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     dk, dv = _dims(args)
-    kept = [c for c in configs if _smem_ok(args["BLOCK_N"], c.kwargs["BLOCK_M"], dk, dv, c.num_stages)]
+    kept = [
+        c for c in configs
+        if _smem_ok(args["BLOCK_N"], c.kwargs["BLOCK_M"], dk, dv, c.num_stages)
+        and not (c.num_warps == 4 and dk + dv > 128)
+        and not (c.kwargs["BLOCK_M"] >= 64 and dk + dv > 256)
+    ]
     return kept or configs[:1]
 
 
@@ -691,34 +719,39 @@ else:
     _Q_KEY = ["G", "BLOCK_M", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN"]
     _fwd_kernel = triton.autotune(
         [
-            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
         ],
         key=_Q_KEY,
         prune_configs_by={"early_config_prune": _prune_q_tiled},
+        cache_results=True,
     )(_band_fwd_kernel)
     _dq_kernel = triton.autotune(
         [
+            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
             triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=4),
         ],
         key=_Q_KEY,
         prune_configs_by={"early_config_prune": _prune_q_tiled},
+        cache_results=True,
     )(_band_dq_kernel)
     _dkdv_kernel = triton.autotune(
         [
+            triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=2),
             triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
         ],
         key=["G", "BLOCK_N", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN", "ATOMIC"],
         prune_configs_by={"early_config_prune": _prune_k_tiled},
         reset_to_zero=["DK_OUT", "DV_OUT"],
+        cache_results=True,
     )(triton.heuristics(_DKDV_HEURISTICS)(_band_dkdv_kernel))
 
 
@@ -732,9 +765,8 @@ def _q_tile_rows(g: int, avg_q: int) -> int:
 
 
 def _dkdv_block_n(dk: int, dv: int) -> int:
-    if INTERPRET:
-        return INTERPRET_BLOCKS["dkdv_n"]
-    return 128 if dk + dv <= 256 else 64
+    """Keys per dK/dV program: 64 keeps the two fp32 accumulators (64 x (DK + DV)) in registers without spills."""
+    return INTERPRET_BLOCKS["dkdv_n"] if INTERPRET else 64
 
 
 def _dot_precision(dtype):
@@ -767,6 +799,9 @@ class Docs:
         if not self.varlen:
             tiles = triton.cdiv(per_doc, block)
             return self.batch * tiles, None, None, tiles
+        return _cached(cu, ("schedule", total, block), lambda: self._build_schedule(cu, total, block))
+
+    def _build_schedule(self, cu, total, block):
         lens = cu[1:] - cu[:-1]
         cum = torch.zeros(self.num_docs + 1, dtype=torch.int32, device=cu.device)
         torch.cumsum(torch.div(lens + (block - 1), block, rounding_mode="floor"), 0, out=cum[1:])
@@ -779,6 +814,29 @@ class Docs:
 
     def avg_queries(self, tq: int) -> int:
         return max(1, tq // max(1, self.num_docs)) if self.varlen else tq
+
+
+_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _cached(t: torch.Tensor, tag: tuple, build):
+    """
+    Memoise small device-side tables derived from an offsets tensor `t` (work lists, compressed offsets): every layer
+    of a model step passes the same `cu_seqlens` object, so the tables are built once per step, not per kernel call.
+    An entry is only reused for the very same tensor object, unmodified (`_version`); the cache keeps `t` alive, so
+    its id cannot be recycled while the entry exists.
+    """
+    key = (id(t), t._version) + tag
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is t:
+        _CACHE.move_to_end(key)
+        return hit[1]
+    value = build()
+    _CACHE[key] = (t, value)
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
 
 
 def _pad_last(x, size):
@@ -841,13 +899,17 @@ def attention_delta(o, do):
 
 
 def band_attention_bwd(
-    do, q, k, v, lse, delta, *, scale, window, key_stride, key_end, docs: Docs, reverse: bool, q_chunk=None
+    do, q, k, v, lse, *, o=None, delta=None, scale, window, key_stride, key_end, docs: Docs, reverse: bool,
+    q_chunk=None,
 ):
     """
-    Band attention backward from the forward's lse and delta = rowsum(dO * O). `q_chunk`: query positions per dK/dV
-    program (None: all of them, stored directly; otherwise chunks add up in fp32 with atomics).
-    Returns (dq, dk, dv) in the dtypes of q, k, v.
+    Band attention backward from the forward's lse. delta = rowsum(dO * O) (float32 `[B, Tq, HQ]`) is taken from
+    `delta`, or computed by the dQ kernel from `o` on the fly. `q_chunk`: query positions per dK/dV program (None: all
+    of them, stored directly; otherwise chunks add up in fp32 with atomics). Returns (dq, dk, dv) in the dtypes of q,
+    k, v.
     """
+    if (o is None) == (delta is None):
+        raise ValueError("band_attention_bwd needs exactly one of `o` and `delta`")
     B, Tq, HQ, DK = q.shape
     NKt, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // HKV
@@ -855,7 +917,14 @@ def band_attention_bwd(
     dv1, dv2 = split_head_dim(DV)
     q, k = _pad_last(q, dk1 + dk2), _pad_last(k, dk1 + dk2)
     v, do = _pad_last(v, dv1 + dv2), _pad_last(do, dv1 + dv2)
-    lse, delta = lse.contiguous(), delta.contiguous()
+    lse = lse.contiguous()
+    compute_delta = delta is None
+    if compute_delta:
+        o = _pad_last(last_dim_contiguous(o), dv1 + dv2)
+        delta = torch.empty(B, Tq, HQ, dtype=torch.float32, device=q.device)
+    else:
+        o = do  # unused by the kernel
+        delta = delta.to(torch.float32).contiguous()
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     windowed = window < _BIG
     prec = _dot_precision(q.dtype)
@@ -871,11 +940,12 @@ def band_attention_bwd(
         grid_m, tile_doc, tile_cum, tiles_per_doc = docs.schedule(docs.cu_q, Tq, Tq, block_t)
         extra = {"BLOCK_N": INTERPRET_BLOCKS["fwd_n"]} if INTERPRET else {}
         _dq_kernel[(grid_m, HKV * num_hc)](
-            q, k, v, do, lse, delta, dq,
+            q, k, v, o, do, lse, delta, dq,
             dummy if tile_doc is None else tile_doc, dummy if tile_cum is None else tile_cum, *offsets,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             lse.stride(0), lse.stride(1),
@@ -883,7 +953,7 @@ def band_attention_bwd(
             scale, scale * LOG2E, window, key_stride, key_end,
             G=G, HG=hg, NUM_HC=num_hc, BLOCK_T=block_t, BLOCK_M=block_m,
             BLOCK_DK1=dk1, BLOCK_DK2=dk2, BLOCK_DV1=dv1, BLOCK_DV2=dv2,
-            WINDOWED=windowed, VARLEN=docs.varlen, REVERSE=reverse, DOT_PREC=prec,
+            WINDOWED=windowed, VARLEN=docs.varlen, REVERSE=reverse, COMPUTE_DELTA=compute_delta, DOT_PREC=prec,
             **extra,
         )
 
@@ -928,8 +998,11 @@ def band_attention_bwd(
 
 
 def default_q_chunk(g: int) -> int:
-    """Query positions per dK/dV program on long causal bands: about 16k (position, head) rows per program."""
-    return max(256, 16384 // max(1, g))
+    """
+    Query positions per dK/dV program on long causal bands: about 32k (position, head) rows per program, enough work
+    to amortise the fp32 atomic adds of its dK/dV tile, while the triangular band still spreads over many programs.
+    """
+    return max(512, 32768 // max(1, g))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from ._attention_common import (
     _BIG,
     Docs,
-    attention_delta,
+    _cached,
     band_attention_bwd,
     band_attention_fwd,
     check_cu_seqlens,
@@ -40,7 +40,7 @@ def _prepare(q, k_cmp, v_cmp, l, d, scale, cu_seqlens_q, cu_seqlens_k, num_keys)
         docs = Docs(q.shape[0], q.shape[1], tk, k_cmp.shape[1], None, None, None)
     else:
         # per-document key lengths come from cu_seqlens_k; `num_keys` (if given, the packed total) is not needed
-        cu_n = compressed_cu_seqlens(cu_k, l, d).to(torch.int32)
+        cu_n = _cached(cu_k, ("compressed", l, d), lambda: compressed_cu_seqlens(cu_k, l, d).to(torch.int32))
         docs = Docs(1, q.shape[1], 0, k_cmp.shape[1], cu_q, cu_k, cu_n)
     return scale, docs
 
@@ -72,18 +72,17 @@ def compressed_attention_bwd(
 ):
     """
     Backward of compressed attention from the forward's `o` and `lse` (gradients from `do` only). `delta` (float32
-    `[B, Tq, HQ]`, rowsum(do * o)) may be passed by a caller that has it. `q_chunk`: query positions per dK/dV
-    program (default about 16k (position, head) rows; chunks add up with fp32 atomics). Returns (dq, dk_cmp, dv_cmp).
+    `[B, Tq, HQ]`, rowsum(do * o)) may be passed by a caller that has it (then `o` may be None). `q_chunk`: query positions per dK/dV
+    program (default about 32k (position, head) rows; chunks add up with fp32 atomics). Returns (dq, dk_cmp, dv_cmp).
     """
     q, k_cmp, v_cmp = last_dim_contiguous(q), last_dim_contiguous(k_cmp), last_dim_contiguous(v_cmp)
     do = last_dim_contiguous(do)
     l, d = compress_block_size, compress_stride
     scale, docs = _prepare(q, k_cmp, v_cmp, l, d, scale, cu_seqlens_q, cu_seqlens_k, num_keys)
     G = q.shape[2] // k_cmp.shape[2]
-    delta = attention_delta(o, do) if delta is None else delta
     return band_attention_bwd(
-        do, q, k_cmp, v_cmp, lse, delta, scale=scale, window=_BIG, key_stride=d, key_end=l - 1, docs=docs,
-        reverse=True, q_chunk=default_q_chunk(G) if q_chunk is None else q_chunk,
+        do, q, k_cmp, v_cmp, lse, o=None if delta is not None else o, delta=delta, scale=scale, window=_BIG,
+        key_stride=d, key_end=l - 1, docs=docs, reverse=True, q_chunk=default_q_chunk(G) if q_chunk is None else q_chunk,
     )
 
 

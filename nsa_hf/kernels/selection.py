@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import constexpr_function
 
 from .utils import compressed_cu_seqlens
 
@@ -38,6 +39,27 @@ _LOG2E = 1.4426950408889634
 _MAX_LOW = 2**31 - 1  # low word of a key is _MAX_LOW - block index
 KEY_MAX_LOW = tl.constexpr(_MAX_LOW)
 KEY_INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32: the score of a fixed block
+
+
+@constexpr_function
+def _log2(x):
+    return int(x).bit_length() - 1
+
+
+@constexpr_function
+def _rank_below(mask, b):
+    """Number of set bits of `mask` below bit `b` (where bit b of a row index lands in the head or position index)."""
+    return bin(int(mask) & ((1 << int(b)) - 1)).count("1")
+
+
+@constexpr_function
+def _rank_above(mask, b):
+    return bin(int(mask) >> (int(b) + 1)).count("1")
+
+
+@constexpr_function
+def _bit_set(mask, b):
+    return (int(mask) >> int(b)) & 1 == 1
 
 
 def _interpreting() -> bool:
@@ -54,7 +76,7 @@ def _chunk_scores(
     q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
     BM: tl.constexpr, G_PAD: tl.constexpr, DK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     CMP_LEN: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, C: tl.constexpr,
-    BS: tl.constexpr, MASK_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BS: tl.constexpr, HEAD_MASK: tl.constexpr, MASK_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """
     Scores `[BM, BS]` of the selection blocks `ci*BS .. ci*BS+BS-1` for the BM query positions of the tile, summed
@@ -81,16 +103,16 @@ def _chunk_scores(
         k1 = tl.load(k_ptrs)
     else:
         k1 = tl.load(k_ptrs, mask=col_ok[None, :] & (d1[:, None] < DK), other=0.0)
-    if IEEE:
-        s = tl.dot(q1, k1, input_precision="ieee")
+    if FP32_DOT:  # float32 inputs: 3 tf32 passes, about float32 accuracy on tensor cores
+        s = tl.dot(q1, k1, input_precision="tf32x3")
     else:
         s = tl.dot(q1, k1)
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
         k2 = tl.load(k_base + cmp_idx[None, :] * stride_kt + d2[:, None], mask=col_ok[None, :] & (d2[:, None] < DK),
                      other=0.0)
-        if IEEE:
-            s += tl.dot(q2, k2, input_precision="ieee")
+        if FP32_DOT:
+            s += tl.dot(q2, k2, input_precision="tf32x3")
         else:
             s += tl.dot(q2, k2)
     p = tl.exp2(s * scale_log2 - lse2[:, None])  # rows without any visible block have lse2 = +inf: p = 0
@@ -99,11 +121,19 @@ def _chunk_scores(
         p = tl.where(visible, p, 0.0)
     elif R_PAD != R:
         p = tl.where(col_ok[None, :], p, 0.0)
-    # Eq. 10: sum over the query heads of the group (rows are (position, head) with the head fastest)
-    if G_PAD > 1:
+    # Eq. 10: sum over the query heads of the group. Row r holds head pext(r, HEAD_MASK) of position
+    # pext(r, ~HEAD_MASK): view the rows as a hypercube of bits and sum out the head bits.
+    NB: tl.constexpr = _log2(BM * G_PAD)
+    if G_PAD == 1:
+        ph = p
+    elif HEAD_MASK == G_PAD - 1:
         ph = tl.sum(tl.reshape(p, [BM, G_PAD, BC]), axis=1)
     else:
-        ph = p
+        h = tl.reshape(p, [2] * NB + [BC])  # row bit b is axis NB-1-b
+        for i in tl.static_range(NB):  # high (register) bits first, so the lane shuffles see fewer values
+            if _bit_set(HEAD_MASK, NB - 1 - i):
+                h = tl.sum(h, axis=i - _rank_above(HEAD_MASK, NB - 1 - i))
+        ph = tl.reshape(h, [BM, BC])
     # Eq. 9: overlap weights in units of the stride
     jj = tl.arange(0, BS)
     kr = tl.arange(0, R_PAD)
@@ -164,8 +194,8 @@ def _select_kernel(
     CMP_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL_LEN: tl.constexpr,
     R: tl.constexpr, R_PAD: tl.constexpr, C: tl.constexpr,
     N: tl.constexpr, N_PAD: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    ROWS: tl.constexpr, BS: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    ROWS: tl.constexpr, BS: tl.constexpr, HEAD_MASK: tl.constexpr,
 ):
     BM: tl.constexpr = ROWS // G_PAD
     num_tiles = tl.cdiv(max_q, BM)
@@ -202,8 +232,19 @@ def _select_kernel(
 
     # ---- the tile's queries: rows are (position, head), the head fastest
     rows = tl.arange(0, ROWS)
-    m_row = m0 + rows // G_PAD
-    g_row = rows % G_PAD
+    if HEAD_MASK == G_PAD - 1:
+        m_row = m0 + rows // G_PAD
+        g_row = rows % G_PAD
+    else:
+        NB: tl.constexpr = _log2(ROWS)
+        g_row = rows * 0
+        m_row = m0 + rows * 0
+        for b in tl.static_range(NB):
+            bit = (rows >> b) & 1
+            if _bit_set(HEAD_MASK, b):
+                g_row += bit << _rank_below(HEAD_MASK, b)
+            else:
+                m_row += bit << (b - _rank_below(HEAD_MASK, b))
     row_ok = (m_row < tq) & (g_row < G)
     t_row = tk - tq + m_row
     q_base = Q + batch.to(tl.int64) * stride_qb + (bos_q + m_row).to(tl.int64)[:, None] * stride_qt \
@@ -252,16 +293,16 @@ def _select_kernel(
             if c_lo - 1 < n_cmp:  # the previous split's last chunk spills into our first block
                 _, carry = _chunk_scores(
                     q1, q2, lse2, t_row, k_base, stride_kt, c_lo - 1, nc_doc, scale_log2, carry,
-                    BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, True, IEEE)
+                    BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, HEAD_MASK, True, FP32_DOT)
     for ci in range(c_lo, tl.minimum(n_full, c_hi)):
         score, carry = _chunk_scores(
             q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
-            BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, False, IEEE)
+            BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, HEAD_MASK, False, FP32_DOT)
         run = _merge_chunk(run, score, ci, t_q, q_ok, BS, N_PAD, SEL_LEN, N_INIT, N_LOCAL)
     for ci in range(tl.maximum(n_full, c_lo), tl.minimum(n_cmp, c_hi)):
         score, carry = _chunk_scores(
             q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
-            BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, True, IEEE)
+            BM, G_PAD, DK, D1, D2, CMP_LEN, STRIDE, R, R_PAD, C, BS, HEAD_MASK, True, FP32_DOT)
         run = _merge_chunk(run, score, ci, t_q, q_ok, BS, N_PAD, SEL_LEN, N_INIT, N_LOCAL)
     jj = tl.arange(0, BS)
     for ci in range(tl.maximum(n_cmp, c_lo), c_hi):
@@ -290,35 +331,57 @@ def _select_kernel(
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
 
-_GPU_CONFIGS = [
-    triton.Config({"ROWS": rows, "BS": bs}, num_warps=w, num_stages=s)
-    for rows in (64, 128, 256)
-    for bs in (16, 32, 64)
-    for w in (4, 8)
-    for s in (1, 2, 3)
+# Candidate tiles as (rows = positions x heads, compression blocks per chunk, warps, stages); `_prune_configs` turns
+# them into concrete (ROWS, BS) for the group size, l'/d and n of the call.
+_CANDIDATES = [
+    (64, 64, 4, 2),
+    (128, 64, 4, 2),
+    (64, 128, 4, 2),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (256, 64, 8, 2),
+    (256, 64, 8, 3),
+    (128, 128, 8, 2),
 ]
+_GPU_CONFIGS = [triton.Config({"ROWS": r, "BS": c}, num_warps=w, num_stages=s) for r, c, w, s in _CANDIDATES]
+
+
+def _head_mask(rows: int, num_warps: int, g_pad: int) -> int:
+    """
+    Which bits of the row index of the `[rows, BC]` score tile hold the head (the rest hold the position).
+
+    Any choice is correct; the cost of the head sum depends on it. In the tensor-core accumulator layouts (mma v2 and
+    wgmma alike) row bits 0-2 go to lanes, bit 3 to a register, the next log2(warps) bits to warps and any higher bits
+    to registers: head bits on register bits are summed inside a thread, on lane bits with shuffles, on warp bits
+    through shared memory. So the head takes bit 3, then the register bits above the warps, then lanes 0-2, then warps.
+    """
+    nb, hb, wb = rows.bit_length() - 1, g_pad.bit_length() - 1, num_warps.bit_length() - 1
+    if nb <= 4 + wb:  # no register bits above the warps: the plain layout (head = low bits) is as good
+        return g_pad - 1
+    order = [3] + list(range(4 + wb, nb)) + [0, 1, 2] + list(range(4, 4 + wb))
+    return sum(1 << b for b in order[:hb])
 
 
 def _prune_configs(configs, named_args, **kwargs):
     g_pad, n_pad, r_pad = kwargs["G_PAD"], kwargs["N_PAD"], kwargs["R_PAD"]
     dk_pad = kwargs["D1"] + kwargs["D2"]
     min_bs = max(16, n_pad)
-    kept = []
+    kept, seen = [], set()
     for cfg in configs:
-        rows, bs = cfg.kwargs["ROWS"], cfg.kwargs["BS"]
-        bc = bs * r_pad
-        if rows < g_pad or bs < min_bs or bs > 2 * min_bs:
+        rows = min(max(cfg.kwargs["ROWS"], g_pad, 16), 128 * g_pad)  # at most 128 positions per tile
+        bs = max(min_bs, cfg.kwargs["BS"] // r_pad)  # the candidate's "BS" is its number of compression blocks
+        threads = 32 * cfg.num_warps
+        if rows * bs * r_pad > threads * 64 or rows * dk_pad > threads * 128:  # P tile / q tile register budget
             continue
-        if rows * bc > 128 * cfg.num_warps * 64:  # the P tile: at most 64 fp32 registers per thread
-            continue
-        if rows * dk_pad > 128 * cfg.num_warps * 128:  # q tile
-            continue
-        if bc > 256:
-            continue
-        kept.append(cfg)
-    if not kept:  # very wide chunks (large l'/d): the smallest legal tile
+        key = (rows, bs, cfg.num_warps, cfg.num_stages)
+        if key not in seen:
+            seen.add(key)
+            kept.append(triton.Config({"ROWS": rows, "BS": bs, "HEAD_MASK": _head_mask(rows, cfg.num_warps, g_pad)},
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    if not kept:  # very wide chunks (large l'/d or n): the smallest legal tile
         rows = max(g_pad, 16)
-        kept = [triton.Config({"ROWS": rows, "BS": min_bs}, num_warps=4, num_stages=1)]
+        kept = [triton.Config({"ROWS": rows, "BS": min_bs, "HEAD_MASK": _head_mask(rows, 8, g_pad)}, num_warps=8,
+                              num_stages=2)]
     return kept
 
 
@@ -467,7 +530,7 @@ def select_blocks(
     const = dict(
         HKV=HKV, G=G, G_PAD=g_pad, DK=DK, D1=d1, D2=d2, CMP_LEN=l, STRIDE=d, SEL_LEN=lp, R=r, R_PAD=r_pad, C=c,
         N=n, N_PAD=n_pad, N_INIT=num_initial_blocks, N_LOCAL=num_local_blocks, VARLEN=varlen,
-        IEEE=q.dtype == torch.float32,
+        FP32_DOT=q.dtype == torch.float32,
     )
     args = (
         q, k_cmp, lse_cmp, out, None, cu_q, cu_k, cu_c,
@@ -492,6 +555,12 @@ def select_blocks(
     else:
         bm = min(64, _next_pow2(max_q))
         fixed = {"ROWS": max(16, bm * g_pad), "BS": max(16, n_pad, min(64, _next_pow2(num_sel)))}
+    if _config is not None and "HEAD_MASK" in _config:
+        fixed["HEAD_MASK"] = int(_config["HEAD_MASK"])
+        if bin(fixed["HEAD_MASK"]).count("1") != g_pad.bit_length() - 1 or fixed["HEAD_MASK"] >= fixed["ROWS"]:
+            raise ValueError(f"_config HEAD_MASK must have log2(G_PAD={g_pad}) bits below ROWS={fixed['ROWS']}")
+    else:
+        fixed["HEAD_MASK"] = _head_mask(fixed["ROWS"], 4, g_pad)
     tiles_fixed = triton.cdiv(max_q, fixed["ROWS"] // g_pad)
     chunks = triton.cdiv(num_sel, fixed["BS"])
 
@@ -503,7 +572,7 @@ def select_blocks(
         programs = tiles_fixed * num_bh
         num_splits = 1
         if programs < sms and chunks >= 8:
-            num_splits = max(1, min(triton.cdiv(chunks, 4), triton.cdiv(2 * sms, programs)))
+            num_splits = max(1, min(triton.cdiv(chunks, 2), triton.cdiv(2 * sms, programs)))
     else:
         num_splits = 1
 

@@ -13,7 +13,6 @@ import torch
 from ._attention_common import (
     _BIG,
     Docs,
-    attention_delta,
     band_attention_bwd,
     band_attention_fwd,
     check_cu_seqlens,
@@ -56,14 +55,15 @@ def window_attention_bwd(
 ):
     """
     Backward of sliding-window attention from the forward's `o` and `lse`. `delta` (float32 `[B, Tq, HQ]`,
-    rowsum(do * o)) may be passed by a caller that already has it. Returns (dq, dk, dv) in the dtypes of q, k, v.
+    rowsum(do * o)) may be passed by a caller that already has it (then `o` may be None); otherwise the dQ kernel
+    derives it from `o`. Returns (dq, dk, dv) in the dtypes of q, k, v.
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     do = last_dim_contiguous(do)
     scale, window, docs = _prepare(q, k, v, window_size, scale, cu_seqlens_q, cu_seqlens_k)
-    delta = attention_delta(o, do) if delta is None else delta
     return band_attention_bwd(
-        do, q, k, v, lse, delta, scale=scale, window=window, key_stride=1, key_end=0, docs=docs, reverse=False
+        do, q, k, v, lse, o=None if delta is not None else o, delta=delta, scale=scale, window=window, key_stride=1,
+        key_end=0, docs=docs, reverse=False,
     )
 
 
