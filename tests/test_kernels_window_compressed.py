@@ -86,16 +86,47 @@ def _check_compressed(B, Tq, Tk, HQ, HKV, DK, DV, l, d, cu_q=None, cu_k=None, se
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Interpreter tiles of 16: many tile edges on short sequences, and groups wider than a tile (NUM_HC > 1)."""
+    """
+    Interpreter tiles of 16: many tile edges on short sequences, groups wider than a tile (NUM_HC > 1), and the
+    three-loop (masked / unmasked / masked) variant of the query-tiled kernels.
+    """
+    monkeypatch.setitem(common.INTERPRET_BLOCKS, "split", True)
     monkeypatch.setitem(common.INTERPRET_BLOCKS, "fwd_m", 16)
     monkeypatch.setitem(common.INTERPRET_BLOCKS, "fwd_n", 16)
     monkeypatch.setitem(common.INTERPRET_BLOCKS, "dkdv_n", 16)
     monkeypatch.setitem(common.INTERPRET_BLOCKS, "dkdv_m", 16)
 
 
+@pytest.fixture
+def split_loops(monkeypatch):
+    """The three-loop variant of the query-tiled kernels at the default interpreter tiles."""
+    monkeypatch.setitem(common.INTERPRET_BLOCKS, "split", True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_attention_delta():
+    gen = torch.Generator().manual_seed(1)
+    o, do = torch.randn(2, 9, 3, 24, generator=gen), torch.randn(2, 9, 3, 24, generator=gen)
+    assert torch.allclose(common.attention_delta(o, do), (o * do).sum(-1), atol=1e-5)
+
+
+def test_table_cache_is_per_tensor_object_and_version():
+    cu = _cu([3, 4])
+    calls = []
+
+    def build():
+        calls.append(1)
+        return object()
+
+    first = common._cached(cu, ("t",), build)
+    assert common._cached(cu, ("t",), build) is first and len(calls) == 1
+    assert common._cached(_cu([3, 4]), ("t",), build) is not first  # another tensor object
+    cu[1] = 2  # in-place change bumps the version: rebuilt
+    assert common._cached(cu, ("t",), build) is not first and len(calls) == 3
 
 
 @pytest.mark.parametrize("d,pieces", [(16, (16, 0)), (64, (64, 0)), (128, (128, 0)), (192, (128, 64)), (96, (64, 32)),
@@ -148,6 +179,13 @@ def test_window_small_tiles_and_wide_group(small_tiles):
     _check_window(1, 45, 45, 32, 1, 16, 16, 11)  # 32 heads per KV head > 16-row tile: two head chunks
     cu = _cu([3, 40, 2])
     _check_window(1, 45, 45, 6, 2, 16, 16, 19, cu, cu)
+
+
+def test_split_loop_variant(split_loops):
+    cu = _cu([9, 70, 1])
+    _check_window(1, 80, 80, 7, 1, 16, 32, 23, cu, cu)
+    _check_compressed(1, 80, 80, 4, 2, 16, 16, 8, 4, cu, cu)
+    _check_compressed(1, 13, 90, 8, 2, 16, 16, 8, 4)
 
 
 def test_window_non_contiguous_inputs():

@@ -143,11 +143,15 @@ def _key_ranges(p_first, p_last, n_keys, window, key_stride, key_end, BLOCK_N: t
 @triton.jit
 def _fwd_step(
     acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
-    stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-    BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+    stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+    BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, MODE: tl.constexpr, WINDOWED: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One key tile of the online softmax: S = Q K^T, running max / sum, acc += P V."""
+    """
+    One key tile of the online softmax: S = Q K^T, running max / sum, acc += P V. MODE 0: interior tile, no masks;
+    1: edge tile, masked; 2: either, decided at run time from [full_lo, full_hi) (one loop over all tiles).
+    """
+    MASKED: tl.constexpr = MODE != 0
     cols = start_n + offs_n
     k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kt
     v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vt
@@ -164,12 +168,19 @@ def _fwd_step(
             k2 = tl.load(k_ptrs + offs_dk2[None, :])
         s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
     s = s * qk_scale
-    if MASKED:
+    if MODE == 1:
         e = cols * key_stride + key_end
         vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
         if WINDOWED:
             vis = vis & (e[None, :] > pos[:, None] - window)
         s = tl.where(vis, s, float("-inf"))
+    elif MODE == 2:
+        if (start_n < full_lo) | (start_n >= full_hi):
+            e = cols * key_stride + key_end
+            vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
+            if WINDOWED:
+                vis = vis & (e[None, :] > pos[:, None] - window)
+            s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -202,7 +213,7 @@ def _band_fwd_kernel(
     G: tl.constexpr, HG: tl.constexpr, NUM_HC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DK1: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV1: tl.constexpr, BLOCK_DV2: tl.constexpr,
     WINDOWED: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -251,25 +262,33 @@ def _band_fwd_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_DV2 if BLOCK_DV2 > 0 else 16], dtype=tl.float32)
 
     lo_a, end_a, full_lo, full_hi, hi = _key_ranges(p_first, p_last, n_keys, window, key_stride, key_end, BLOCK_N, WINDOWED)
-    if WINDOWED:  # masked tiles at the window's low edge (none for a causal band)
-        for start_n in range(lo_a, end_a, BLOCK_N):
+    if SPLIT:  # three loops: masked low edge, unmasked interior, masked high edge
+        if WINDOWED:  # masked tiles at the window's low edge (none for a causal band)
+            for start_n in range(lo_a, end_a, BLOCK_N):
+                acc1, acc2, m_i, l_i = _fwd_step(
+                    acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
+                    stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                    BLOCK_DK2, BLOCK_DV2, 1, WINDOWED, DOT_PREC,
+                )
+        for start_n in range(full_lo, full_hi, BLOCK_N):
             acc1, acc2, m_i, l_i = _fwd_step(
                 acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
-                stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-                BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
+                stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                BLOCK_DK2, BLOCK_DV2, 0, WINDOWED, DOT_PREC,
             )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc1, acc2, m_i, l_i = _fwd_step(
-            acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
-            stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-            BLOCK_DK2, BLOCK_DV2, False, WINDOWED, DOT_PREC,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        acc1, acc2, m_i, l_i = _fwd_step(
-            acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
-            stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-            BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
-        )
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc1, acc2, m_i, l_i = _fwd_step(
+                acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end, qk_scale,
+                stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                BLOCK_DK2, BLOCK_DV2, 1, WINDOWED, DOT_PREC,
+            )
+    else:  # one pipelined loop over all tiles; edge tiles are recognised at run time
+        for start_n in range(lo_a, hi, BLOCK_N):
+            acc1, acc2, m_i, l_i = _fwd_step(
+                acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end,
+                qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                BLOCK_DK2, BLOCK_DV2, 2, WINDOWED, DOT_PREC,
+            )
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -309,11 +328,12 @@ def _delta_kernel(
 @triton.jit
 def _dq_step(
     dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end,
-    qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-    BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, MASKED: tl.constexpr, WINDOWED: tl.constexpr,
+    qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+    BLOCK_DK2: tl.constexpr, BLOCK_DV2: tl.constexpr, MODE: tl.constexpr, WINDOWED: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One key tile of dQ: P from the saved lse, dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
+    """One key tile of dQ: P from the saved lse, dP = dO V^T, dS = P (dP - delta), dQ += dS K. MODE as _fwd_step."""
+    MASKED: tl.constexpr = MODE != 0
     cols = start_n + offs_n
     k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kt
     v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vt
@@ -331,12 +351,19 @@ def _dq_step(
             k2 = tl.load(k_ptrs + offs_dk2[None, :])
         s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
-    if MASKED:
+    if MODE == 1:
         e = cols * key_stride + key_end
         vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
         if WINDOWED:
             vis = vis & (e[None, :] > pos[:, None] - window)
         p = tl.where(vis, p, 0.0)
+    elif MODE == 2:
+        if (start_n < full_lo) | (start_n >= full_hi):
+            e = cols * key_stride + key_end
+            vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
+            if WINDOWED:
+                vis = vis & (e[None, :] > pos[:, None] - window)
+            p = tl.where(vis, p, 0.0)
     if MASKED:
         v1 = tl.load(v_ptrs + offs_dv1[None, :], mask=col_ok[:, None], other=0.0)
     else:
@@ -371,7 +398,7 @@ def _band_dq_kernel(
     G: tl.constexpr, HG: tl.constexpr, NUM_HC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DK1: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV1: tl.constexpr, BLOCK_DV2: tl.constexpr,
     WINDOWED: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, COMPUTE_DELTA: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dQ per query tile; with COMPUTE_DELTA it first derives delta = rowsum(dO * O) and stores it for dK/dV."""
     pid_m = tl.program_id(0)
@@ -436,25 +463,33 @@ def _band_dq_kernel(
     dq2 = tl.zeros([BLOCK_M, BLOCK_DK2 if BLOCK_DK2 > 0 else 16], dtype=tl.float32)
 
     lo_a, end_a, full_lo, full_hi, hi = _key_ranges(p_first, p_last, n_keys, window, key_stride, key_end, BLOCK_N, WINDOWED)
-    if WINDOWED:  # masked tiles at the window's low edge (none for a causal band)
-        for start_n in range(lo_a, end_a, BLOCK_N):
+    if SPLIT:  # three loops: masked low edge, unmasked interior, masked high edge
+        if WINDOWED:  # masked tiles at the window's low edge (none for a causal band)
+            for start_n in range(lo_a, end_a, BLOCK_N):
+                dq1, dq2 = _dq_step(
+                    dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
+                    key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                    BLOCK_DK2, BLOCK_DV2, 1, WINDOWED, DOT_PREC,
+                )
+        for start_n in range(full_lo, full_hi, BLOCK_N):
             dq1, dq2 = _dq_step(
                 dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
-                key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-                BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
+                key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                BLOCK_DK2, BLOCK_DV2, 0, WINDOWED, DOT_PREC,
             )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq1, dq2 = _dq_step(
-            dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
-            key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-            BLOCK_DK2, BLOCK_DV2, False, WINDOWED, DOT_PREC,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        dq1, dq2 = _dq_step(
-            dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
-            key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2,
-            BLOCK_DK2, BLOCK_DV2, True, WINDOWED, DOT_PREC,
-        )
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq1, dq2 = _dq_step(
+                dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
+                key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo, full_hi,
+                BLOCK_DK2, BLOCK_DV2, 1, WINDOWED, DOT_PREC,
+            )
+    else:  # one pipelined loop over all tiles; edge tiles are recognised at run time
+        for start_n in range(lo_a, hi, BLOCK_N):
+            dq1, dq2 = _dq_step(
+                dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride,
+                key_end, qk_scale, stride_kt, stride_vt, offs_n, offs_dk1, offs_dk2, offs_dv1, offs_dv2, full_lo,
+                full_hi, BLOCK_DK2, BLOCK_DV2, 2, WINDOWED, DOT_PREC,
+            )
 
     dq_ptrs = DQ + (bb * stride_dqb + row_t * stride_dqt + head * stride_dqh)[:, None]
     tl.store(dq_ptrs + offs_dk1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -709,7 +744,7 @@ _DKDV_HEURISTICS = {
 }
 
 # Tile sizes under the CPU interpreter (one fixed configuration; tests may shrink them to reach more tile edges).
-INTERPRET_BLOCKS = {"fwd_m": 64, "fwd_n": 32, "dkdv_n": 32, "dkdv_m": 64}
+INTERPRET_BLOCKS = {"fwd_m": 64, "fwd_n": 32, "dkdv_n": 32, "dkdv_m": 64, "split": False}
 
 if INTERPRET:
     _fwd_kernel = _band_fwd_kernel
@@ -717,13 +752,17 @@ if INTERPRET:
     _dkdv_kernel = triton.heuristics(_DKDV_HEURISTICS)(_band_dkdv_kernel)
 else:
     _Q_KEY = ["G", "BLOCK_M", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN"]
+    # SPLIT: three loops (masked edge / unmasked interior / masked edge) or one loop that checks at run time whether
+    # a tile is an edge tile. One loop keeps a single software pipeline over the few (~w / BLOCK_N) tiles of a window
+    # query tile; three loops drop the per-tile check. The autotuner picks.
     _fwd_kernel = triton.autotune(
         [
-            triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "SPLIT": False}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "SPLIT": True}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 32, "SPLIT": False}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 128, "SPLIT": False}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 64, "SPLIT": False}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=3),
         ],
         key=_Q_KEY,
         prune_configs_by={"early_config_prune": _prune_q_tiled},
@@ -731,10 +770,11 @@ else:
     )(_band_fwd_kernel)
     _dq_kernel = triton.autotune(
         [
-            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_N": 32, "SPLIT": False}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 32, "SPLIT": True}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "SPLIT": False}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 32, "SPLIT": False}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "SPLIT": False}, num_warps=4, num_stages=2),
         ],
         key=_Q_KEY,
         prune_configs_by={"early_config_prune": _prune_q_tiled},
@@ -863,7 +903,7 @@ def band_attention_fwd(q, k, v, *, scale, window, key_stride, key_end, docs: Doc
         block_t = block_m // hg
         grid_m, tile_doc, tile_cum, tiles_per_doc = docs.schedule(docs.cu_q, Tq, Tq, block_t)
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-        extra = {"BLOCK_N": INTERPRET_BLOCKS["fwd_n"]} if INTERPRET else {}
+        extra = {"BLOCK_N": INTERPRET_BLOCKS["fwd_n"], "SPLIT": INTERPRET_BLOCKS["split"]} if INTERPRET else {}
         _fwd_kernel[(grid_m, HKV * num_hc)](
             q, k, v, o, lse,
             dummy if tile_doc is None else tile_doc, dummy if tile_cum is None else tile_cum, *docs.offsets(dummy),
@@ -938,7 +978,7 @@ def band_attention_bwd(
         num_hc = triton.cdiv(G, hg)
         block_t = block_m // hg
         grid_m, tile_doc, tile_cum, tiles_per_doc = docs.schedule(docs.cu_q, Tq, Tq, block_t)
-        extra = {"BLOCK_N": INTERPRET_BLOCKS["fwd_n"]} if INTERPRET else {}
+        extra = {"BLOCK_N": INTERPRET_BLOCKS["fwd_n"], "SPLIT": INTERPRET_BLOCKS["split"]} if INTERPRET else {}
         _dq_kernel[(grid_m, HKV * num_hc)](
             q, k, v, o, do, lse, delta, dq,
             dummy if tile_doc is None else tile_doc, dummy if tile_cum is None else tile_cum, *offsets,
