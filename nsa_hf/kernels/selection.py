@@ -6,7 +6,9 @@ Semantics are exactly `select_blocks_ref(selection_scores_ref(...))` of `referen
 
 Design (one program = a tile of BM query positions x ALL G query heads of one KV head):
 - rows of the tile are (position, head) pairs, `BM * G_PAD` of them (G padded to a power of two), so small GQA
-  groups still give tensor-core tiles of >= 16 rows; q stays in registers for the whole program;
+  groups still give tensor-core tiles of >= 16 rows; q is loaded once per program. Which bits of the row index hold
+  the head (`HEAD_MASK`, see `_head_mask`) is chosen so that the head sum of Eq. 10 runs mostly inside threads
+  (register bits of the accumulator layout) rather than across lanes; any choice gives the same result;
 - the program streams over chunks of BS selection blocks, i.e. the `BS * r` compression blocks that start inside
   them (r = l'/d), up to the tile's causal limit only: P = exp2(q.K_cmp * scale*log2(e) - lse*log2(e)) with one
   `tl.dot`, masked to the visible compression blocks, summed over the heads of the group in registers (Eq. 10);
@@ -20,12 +22,15 @@ Design (one program = a tile of BM query positions x ALL G query heads of one KV
   `max(run, flip(top))` + `tl.bitonic_merge`, so a merge costs O(N_PAD log N_PAD) per query;
 - at the end the n best blocks are decoded, sorted ascending, padded with -1 and written: `[B, Tq, HKV, n]` int32.
 
-Work is O(Tq * HQ * Nc_visible * DK) (the same dot as the compressed attention's logits), memory O(Tq * HKV * n).
+Work is O(Tq * HQ * Nc_visible * DK) (the same dot as the compressed attention's logits: one exp2 per query head and
+visible compression block) plus O(Tq * HKV * NS_visible * log^2 N_PAD) for the merges; memory O(Tq * HKV * n).
+The heaviest (last) query tiles are launched first. Tiles come from an autotuned list (`_CANDIDATES`); the
+interpreter, tests (`_config`) and split launches use one fixed tile.
+
 Few queries with long keys (decoding) split the selection blocks over several programs; each writes its best
 N_PAD keys (O(Tq * HKV * splits * n) int64) and a small PyTorch pass merges them.
 """
 
-import math
 import os
 
 import torch
@@ -442,6 +447,8 @@ def select_blocks(
         cu_seqlens_q, cu_seqlens_k: `[num_docs + 1]` int32 offsets of packed documents (batch 1).
         num_keys: Tk, the key length when `Tq < Tk` (queries are the last Tq positions); default Tq. Ignored (taken
             from `cu_seqlens_k`) for packed documents.
+        _num_splits, _config: for tests only: force the split (decoding) launch with this many splits / a fixed tile
+            `dict(ROWS=..., BS=..., HEAD_MASK=...)` instead of the autotuned one.
 
     Returns:
         int32 `[B, Tq, HKV, n]`: selected block indices in ascending order, `-1` padding where fewer than n blocks
@@ -491,11 +498,14 @@ def select_blocks(
         cu_q = cu_seqlens_q.to(device=device, dtype=torch.int32)
         cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
         cu_c = compressed_cu_seqlens(cu_k, l, d).to(torch.int32)
-        lens_q = (cu_q[1:] - cu_q[:-1]).tolist()
-        lens_k = (cu_k[1:] - cu_k[:-1]).tolist()
-        n_cmp_total = int(cu_c[-1].item())
-        if int(cu_q[-1].item()) != Tq:
-            raise ValueError(f"cu_seqlens_q[-1] ({int(cu_q[-1])}) must equal the packed query length {Tq}")
+        host = torch.cat([cu_q, cu_k, cu_c]).tolist()  # the one host sync of a packed call
+        nd1 = cu_q.numel()
+        bq, bk = host[:nd1], host[nd1 : 2 * nd1]
+        lens_q = [b - a for a, b in zip(bq[:-1], bq[1:])]
+        lens_k = [b - a for a, b in zip(bk[:-1], bk[1:])]
+        n_cmp_total = host[-1]
+        if bq[-1] != Tq:
+            raise ValueError(f"cu_seqlens_q[-1] ({bq[-1]}) must equal the packed query length {Tq}")
         if any(a > b for a, b in zip(lens_q, lens_k)):
             raise ValueError("every document needs at least as many keys as queries (cu_seqlens_k vs cu_seqlens_q)")
         if k_cmp.shape[1] != n_cmp_total:
