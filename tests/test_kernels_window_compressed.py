@@ -328,6 +328,19 @@ def _gpu_compare(fn, ref_fn, tensors, do, tol=1e-2):
         assert _norm_rel(g, r) < tol, f"grad {i}: {_norm_rel(g, r)}"
 
 
+@pytest.fixture
+def first_config(monkeypatch):
+    """Skip the autotuner's timing on the GPU (it compiles every configuration per shape): its first configuration."""
+    monkeypatch.setenv("NSA_HF_AUTOTUNE", "0")
+    _clear_autotune_memory()
+
+
+def _clear_autotune_memory():
+    for kernel in (common._fwd_kernel, common._dq_kernel, common._dkdv_kernel):
+        if hasattr(kernel, "cache"):
+            kernel.cache.clear()
+
+
 GPU_SHAPES = [
     # (B, T, HQ, HKV, DK, DV, doc lengths or None)
     pytest.param(1, 4096, 64, 4, 128, 128, [1000, 1, 2500, 595], id="varlen4k-g16-d128"),
@@ -340,7 +353,7 @@ GPU_SHAPES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,HQ,HKV,DK,DV,docs", GPU_SHAPES)
-def test_gpu_window_bf16(B, T, HQ, HKV, DK, DV, docs):
+def test_gpu_window_bf16(B, T, HQ, HKV, DK, DV, docs, first_config):
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     q, k, v = _leaf((B, T, HQ, DK), bf, dev), _leaf((B, T, HKV, DK), bf, dev), _leaf((B, T, HKV, DV), bf, dev)
@@ -352,7 +365,7 @@ def test_gpu_window_bf16(B, T, HQ, HKV, DK, DV, docs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,HQ,HKV,DK,DV,docs", GPU_SHAPES)
-def test_gpu_compressed_bf16(B, T, HQ, HKV, DK, DV, docs):
+def test_gpu_compressed_bf16(B, T, HQ, HKV, DK, DV, docs, first_config):
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     l, d = 32, 16
@@ -373,7 +386,7 @@ def test_gpu_compressed_bf16(B, T, HQ, HKV, DK, DV, docs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("Tq", [1, 64])
-def test_gpu_decoding_bf16(Tq):
+def test_gpu_decoding_bf16(Tq, first_config):
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     B, Tk, HQ, HKV, D, l, d = 4, 8192, 64, 4, 128, 32, 16
@@ -387,3 +400,29 @@ def test_gpu_decoding_bf16(Tq):
     ref, ref_lse = compressed_attention_ref(q.float(), k_cmp.float(), v_cmp.float(), l, d, num_keys=Tk)
     assert _norm_rel(out, ref) < 1e-2
     assert (lse - ref_lse).abs().max().item() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("DK,DV", [(192, 128), (128, 128)])
+def test_gpu_every_autotune_config(index, DK, DV, monkeypatch):
+    """The autotuner may pick any configuration on any machine: each one must be right, for both branches."""
+    monkeypatch.setenv("NSA_HF_CONFIG_INDEX", str(index))
+    _clear_autotune_memory()
+    try:
+        torch.manual_seed(index)
+        dev, bf = "cuda", torch.bfloat16
+        T, HQ, HKV, l, d = 2048, 32, 2, 32, 16
+        cu = _cu([700, 3, 1345], dev)
+        q, k, v = _leaf((1, T, HQ, DK), bf, dev), _leaf((1, T, HKV, DK), bf, dev), _leaf((1, T, HKV, DV), bf, dev)
+        do = torch.randn(1, T, HQ, DV, device=dev, dtype=bf)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
+        _gpu_compare(lambda *t: window_attention(*t, 256, **kw), lambda *t: window_attention_ref(*t, 256, **kw),
+                     (q, k, v), do)
+        _, k_cmp, v_cmp = _cmp_inputs(1, T, T, HQ, HKV, DK, DV, l, d, cu, None, bf, dev)
+        _gpu_compare(
+            lambda *t: compressed_attention(*t, l, d, **kw), lambda *t: compressed_attention_ref(*t, l, d, **kw),
+            (q, k_cmp, v_cmp), do,
+        )
+    finally:
+        _clear_autotune_memory()

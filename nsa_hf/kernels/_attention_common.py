@@ -36,6 +36,7 @@ Nothing of size T x T or T x Nc is ever allocated.
 
 import os
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -704,13 +705,34 @@ def _smem_ok(resident_rows: int, streamed_rows: int, dk: int, dv: int, stages: i
     return (stages * streamed_rows + resident_rows) * (dk + dv) * 2 <= 200 * 1024
 
 
+def _regs_per_thread(fp32_elements: float, num_warps: int) -> float:
+    """fp32 accumulator/score registers per thread: a crude spill predictor, calibrated against ptxas (see below)."""
+    return fp32_elements / (32 * num_warps)
+
+
 def _dims(args):
     return args["BLOCK_DK1"] + args["BLOCK_DK2"], args["BLOCK_DV1"] + args["BLOCK_DV2"]
 
 
-# Register budget, from compiling the kernels for sm_90a with ptxas (H100): with 128-row query tiles 4 warps spill
-# (fp32 accumulator 128 x D plus the 128 x BLOCK_N scores), 8 warps do not; the dK/dV accumulators (BLOCK_N x (DK+DV)
-# fp32) only leave room for 8 warps, and for 64-row query steps only when DK + DV <= 256.
+# Register budget, from compiling the kernels for sm_90a with ptxas (H100): with 128-row query tiles and DV = 128,
+# 4 warps spill (fp32 accumulator 128 x DV plus the 128 x BLOCK_N scores), 8 warps do not; with the dK/dV
+# accumulators (64 x (DK + DV) fp32), 64-row query steps spill when DK + DV > 256 and 4 warps spill when DK + DV > 256
+# or with 64-row steps at DK + DV = 256. The rules below keep the configurations that compiled without spills.
+def _choose(kept, configs):
+    """
+    The configurations the autotuner times. Environment overrides (read at the first call for a tuning key):
+    NSA_HF_AUTOTUNE=0 takes the first valid configuration without timing (quick tests, short jobs);
+    NSA_HF_CONFIG_INDEX=i takes the i-th valid one (tests that check every configuration on the GPU).
+    """
+    kept = kept or configs[:1]
+    index = os.environ.get("NSA_HF_CONFIG_INDEX")
+    if index is not None:
+        return [kept[min(int(index), len(kept) - 1)]]
+    if os.environ.get("NSA_HF_AUTOTUNE", "1") == "0":
+        return kept[:1]
+    return kept
+
+
 def _prune_q_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     dk, dv = _dims(args)
@@ -718,22 +740,24 @@ def _prune_q_tiled(configs, named_args, **kwargs):
     kept = [
         c for c in configs
         if _smem_ok(bm, c.kwargs["BLOCK_N"], dk, dv, c.num_stages)
-        and (c.num_warps == 8 if bm >= 128 else c.num_warps == 4 if bm <= 32 else True)
+        and _regs_per_thread(bm * dv + 1.5 * bm * c.kwargs["BLOCK_N"], c.num_warps) <= 160
+        and not (c.num_warps == 8 and bm <= 32)
         and not (c.kwargs["BLOCK_N"] >= 128 and dk + dv > 256)
     ]
-    return kept or configs[:1]
+    return _choose(kept, configs)
 
 
 def _prune_k_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     dk, dv = _dims(args)
+    bn = args["BLOCK_N"]
     kept = [
         c for c in configs
-        if _smem_ok(args["BLOCK_N"], c.kwargs["BLOCK_M"], dk, dv, c.num_stages)
-        and not (c.num_warps == 4 and dk + dv > 128)
+        if _smem_ok(bn, c.kwargs["BLOCK_M"], dk, dv, c.num_stages)
+        and _regs_per_thread(bn * (dk + dv) + 3 * bn * c.kwargs["BLOCK_M"], c.num_warps) <= 180
         and not (c.kwargs["BLOCK_M"] >= 64 and dk + dv > 256)
     ]
-    return kept or configs[:1]
+    return _choose(kept, configs)
 
 
 # the dK/dV kernel autotunes BLOCK_M (query rows per step); the GQA packing follows from it
@@ -888,6 +912,16 @@ def band_attention_fwd(q, k, v, *, scale, window, key_stride, key_end, docs: Doc
     Band attention forward: q `[B, Tq, HQ, DK]`, k `[B, NK, HKV, DK]`, v `[B, NK, HKV, DV]` (last dim contiguous).
     Returns o `[B, Tq, HQ, DV]` (q's dtype) and lse `[B, Tq, HQ]` float32 (natural log; -inf where no key is visible).
     """
+    with _device_of(q):
+        return _band_attention_fwd(q, k, v, scale, window, key_stride, key_end, docs, reverse)
+
+
+def _device_of(x):
+    """Launch on the tensors' GPU even when it is not the current device."""
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
+
+
+def _band_attention_fwd(q, k, v, scale, window, key_stride, key_end, docs, reverse):
     B, Tq, HQ, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     G = HQ // HKV
@@ -931,10 +965,11 @@ def attention_delta(o, do):
     o, do = last_dim_contiguous(o), last_dim_contiguous(do)
     block_d = max(16, _next_pow2(DV))
     block_r = max(1, min(64, 8192 // block_d))
-    _delta_kernel[(triton.cdiv(T * H, block_r), B)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, H,
-        DV=DV, BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with _device_of(o):
+        _delta_kernel[(triton.cdiv(T * H, block_r), B)](
+            o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, H,
+            DV=DV, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return delta
 
 
@@ -950,6 +985,11 @@ def band_attention_bwd(
     """
     if (o is None) == (delta is None):
         raise ValueError("band_attention_bwd needs exactly one of `o` and `delta`")
+    with _device_of(q):
+        return _band_attention_bwd(do, q, k, v, lse, o, delta, scale, window, key_stride, key_end, docs, reverse, q_chunk)
+
+
+def _band_attention_bwd(do, q, k, v, lse, o, delta, scale, window, key_stride, key_end, docs, reverse, q_chunk):
     B, Tq, HQ, DK = q.shape
     NKt, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // HKV
@@ -1094,3 +1134,62 @@ def check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
         )
     to = dict(device=q.device, dtype=torch.int32)
     return cu_seqlens_q.to(**to).contiguous(), cu_seqlens_k.to(**to).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quick timing on a GPU: python -m nsa_hf.kernels._attention_common [T ...]
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _benchmark(seqlens=(8192, 32768, 65536), HQ=64, HKV=4, DK=192, DV=128, window=512, l=32, d=16):
+    """Forward and forward+backward times (ms) of the window and compressed kernels and of dense causal SDPA."""
+    from triton.testing import do_bench
+
+    from .compressed import compressed_attention
+    from .window import window_attention
+
+    dev, bf = "cuda", torch.bfloat16
+    for T in seqlens:
+        q = torch.randn(1, T, HQ, DK, device=dev, dtype=bf, requires_grad=True)
+        k = torch.randn(1, T, HKV, DK, device=dev, dtype=bf, requires_grad=True)
+        v = torch.randn(1, T, HKV, DV, device=dev, dtype=bf, requires_grad=True)
+        nc = (T - l) // d + 1
+        kc = torch.randn(1, nc, HKV, DK, device=dev, dtype=bf, requires_grad=True)
+        vc = torch.randn(1, nc, HKV, DV, device=dev, dtype=bf, requires_grad=True)
+        do = torch.randn(1, T, HQ, DV, device=dev, dtype=bf)
+
+        def win():
+            return window_attention(q, k, v, window)
+
+        def cmp():
+            return compressed_attention(q, kc, vc, l, d, num_keys=T)[0]
+
+        row = {"T": T}
+        for name, fn in (("window", win), ("compressed", cmp)):
+            fn().backward(do)  # autotune / compile outside the timing
+            row[f"{name}_fwd"] = do_bench(lambda: fn(), warmup=5, rep=50)
+            row[f"{name}_fwd_bwd"] = do_bench(lambda: fn().backward(do), warmup=5, rep=50)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            qd = q.detach().transpose(1, 2).requires_grad_()
+            kd = k.detach().repeat_interleave(HQ // HKV, 2).transpose(1, 2).requires_grad_()
+            vd = v.detach().repeat_interleave(HQ // HKV, 2).transpose(1, 2).requires_grad_()
+            dod = do.transpose(1, 2)
+
+            def dense():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+
+            dense().backward(dod)
+            row["dense_fwd"] = do_bench(lambda: dense(), warmup=5, rep=50)
+            row["dense_fwd_bwd"] = do_bench(lambda: dense().backward(dod), warmup=5, rep=50)
+        except Exception as err:  # cuDNN missing or shape unsupported
+            row["dense"] = f"unavailable: {type(err).__name__}"
+        print({key: round(val, 3) if isinstance(val, float) else val for key, val in row.items()}, flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _benchmark(tuple(int(a) for a in sys.argv[1:]) or (8192, 32768, 65536))
