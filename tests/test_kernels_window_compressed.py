@@ -99,8 +99,9 @@ def small_tiles(monkeypatch):
 
 @pytest.fixture
 def split_loops(monkeypatch):
-    """The three-loop variant of the query-tiled kernels at the default interpreter tiles."""
+    """The three-loop variant of the query-tiled kernels, and the larger dK/dV key tile (its own work list)."""
     monkeypatch.setitem(common.INTERPRET_BLOCKS, "split", True)
+    monkeypatch.setitem(common.INTERPRET_BLOCKS, "dkdv_large", True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

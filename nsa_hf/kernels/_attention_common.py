@@ -554,7 +554,7 @@ def _dkdv_step(
 @triton.jit
 def _band_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT,
-    TILE_DOC, TILE_CUM, CU_Q, CU_K, CU_N,
+    TILE_DOC_S, TILE_CUM_S, TILE_DOC_L, TILE_CUM_L, CU_Q, CU_K, CU_N,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -562,19 +562,25 @@ def _band_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lt,
-    Tq, Tk, NK, num_docs, tiles_per_doc, q_chunk,
+    Tq, Tk, NK, num_docs, tiles_per_doc_s, tiles_per_doc_l, q_chunk,
     sm_scale, qk_scale, window, key_stride, key_end,
     G: tl.constexpr,
     BLOCK_DK1: tl.constexpr, BLOCK_DK2: tl.constexpr, BLOCK_DV1: tl.constexpr, BLOCK_DV2: tl.constexpr,
-    WINDOWED: tl.constexpr, VARLEN: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    WINDOWED: tl.constexpr, VARLEN: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N_S: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HG: tl.constexpr, NUM_HC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     chunk = tl.program_id(2)
-    b, tile, q0, q_len, k_len, n0, n_keys, invalid = _locate(
-        pid_n, TILE_DOC, TILE_CUM, CU_Q, CU_K, CU_N, num_docs, tiles_per_doc, Tq, Tk, NK, VARLEN
-    )
+    # the work list matching the autotuned key-tile size (the host builds one for each of the two sizes)
+    if BLOCK_N == BLOCK_N_S:
+        b, tile, q0, q_len, k_len, n0, n_keys, invalid = _locate(
+            pid_n, TILE_DOC_S, TILE_CUM_S, CU_Q, CU_K, CU_N, num_docs, tiles_per_doc_s, Tq, Tk, NK, VARLEN
+        )
+    else:
+        b, tile, q0, q_len, k_len, n0, n_keys, invalid = _locate(
+            pid_n, TILE_DOC_L, TILE_CUM_L, CU_Q, CU_K, CU_N, num_docs, tiles_per_doc_l, Tq, Tk, NK, VARLEN
+        )
     if VARLEN:
         if invalid:
             return
@@ -750,13 +756,15 @@ def _prune_q_tiled(configs, named_args, **kwargs):
 def _prune_k_tiled(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     dk, dv = _dims(args)
-    bn = args["BLOCK_N"]
-    kept = [
-        c for c in configs
-        if _smem_ok(bn, c.kwargs["BLOCK_M"], dk, dv, c.num_stages)
-        and _regs_per_thread(bn * (dk + dv) + 3 * bn * c.kwargs["BLOCK_M"], c.num_warps) <= 180
-        and not (c.kwargs["BLOCK_M"] >= 64 and dk + dv > 256)
-    ]
+    kept = []
+    for c in configs:
+        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
+        if (
+            _smem_ok(bn, bm, dk, dv, c.num_stages)
+            and _regs_per_thread(bn * (dk + dv) + 3 * bn * bm, c.num_warps) <= 180
+            and not (bn == 64 and bm >= 64 and dk + dv > 256)
+        ):
+            kept.append(c)
     return _choose(kept, configs)
 
 
@@ -768,7 +776,7 @@ _DKDV_HEURISTICS = {
 }
 
 # Tile sizes under the CPU interpreter (one fixed configuration; tests may shrink them to reach more tile edges).
-INTERPRET_BLOCKS = {"fwd_m": 64, "fwd_n": 32, "dkdv_n": 32, "dkdv_m": 64, "split": False}
+INTERPRET_BLOCKS = {"fwd_m": 64, "fwd_n": 32, "dkdv_n": 32, "dkdv_m": 64, "split": False, "dkdv_large": False}
 
 if INTERPRET:
     _fwd_kernel = _band_fwd_kernel
@@ -806,13 +814,15 @@ else:
     )(_band_dq_kernel)
     _dkdv_kernel = triton.autotune(
         [
-            triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=2),
         ],
-        key=["G", "BLOCK_N", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN", "ATOMIC"],
+        key=["G", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN", "ATOMIC"],
         prune_configs_by={"early_config_prune": _prune_k_tiled},
         reset_to_zero=["DK_OUT", "DV_OUT"],
         cache_results=True,
@@ -826,11 +836,6 @@ def _q_tile_rows(g: int, avg_q: int) -> int:
     if INTERPRET:
         block_m = min(block_m, INTERPRET_BLOCKS["fwd_m"])
     return block_m
-
-
-def _dkdv_block_n(dk: int, dv: int) -> int:
-    """Keys per dK/dV program: 64 keeps the two fp32 accumulators (64 x (DK + DV)) in registers without spills."""
-    return INTERPRET_BLOCKS["dkdv_n"] if INTERPRET else 64
 
 
 def _dot_precision(dtype):
@@ -1038,7 +1043,6 @@ def _band_attention_bwd(do, q, k, v, lse, o, delta, scale, window, key_stride, k
         )
 
     # dK/dV: one program per (key tile, KV head, query chunk)
-    block_n = _dkdv_block_n(dk1 + dk2, dv1 + dv2)
     # positions of one document; packed, the key count bounds it on the host without a sync
     max_positions = docs.tk if not docs.varlen else NKt * key_stride + key_end + key_stride
     if q_chunk is None or q_chunk >= max_positions:
@@ -1050,11 +1054,23 @@ def _band_attention_bwd(do, q, k, v, lse, o, delta, scale, window, key_stride, k
     dk = (torch.zeros if atomic else torch.empty)(B, NKt, HKV, dk1 + dk2, dtype=kv_dtype, device=k.device)
     dv = (torch.zeros if atomic else torch.empty)(B, NKt, HKV, dv1 + dv2, dtype=kv_dtype, device=k.device)
     if B * NKt > 0:
-        grid_n, tile_doc, tile_cum, tiles_per_doc = docs.schedule(docs.cu_n, NKt, docs.nk, block_n)
-        extra = {"BLOCK_M": INTERPRET_BLOCKS["dkdv_m"]} if INTERPRET else {}
-        _dkdv_kernel[(grid_n, HKV, num_chunks)](
+        # key tiles of 64 or 128 (autotuned): a work list for each
+        bn_s, bn_l = (INTERPRET_BLOCKS["dkdv_n"], 2 * INTERPRET_BLOCKS["dkdv_n"]) if INTERPRET else (64, 128)
+        grid_s, doc_s, cum_s, per_doc_s = docs.schedule(docs.cu_n, NKt, docs.nk, bn_s)
+        grid_l, doc_l, cum_l, per_doc_l = docs.schedule(docs.cu_n, NKt, docs.nk, bn_l)
+
+        def grid(meta):
+            return (grid_s if meta["BLOCK_N"] == bn_s else grid_l, HKV, num_chunks)
+
+        extra = {}
+        if INTERPRET:
+            extra = {"BLOCK_M": INTERPRET_BLOCKS["dkdv_m"], "BLOCK_N": bn_l if INTERPRET_BLOCKS["dkdv_large"] else bn_s}
+        if INTERPRET:
+            grid = grid(extra)
+        _dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk, dv,
-            dummy if tile_doc is None else tile_doc, dummy if tile_cum is None else tile_cum, *offsets,
+            dummy if doc_s is None else doc_s, dummy if cum_s is None else cum_s,
+            dummy if doc_l is None else doc_l, dummy if cum_l is None else cum_l, *offsets,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -1062,10 +1078,10 @@ def _band_attention_bwd(do, q, k, v, lse, o, delta, scale, window, key_stride, k
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             lse.stride(0), lse.stride(1),
-            Tq, docs.tk, docs.nk, docs.num_docs, tiles_per_doc, q_chunk,
+            Tq, docs.tk, docs.nk, docs.num_docs, per_doc_s, per_doc_l, q_chunk,
             scale, scale * LOG2E, window, key_stride, key_end,
             G=G, BLOCK_DK1=dk1, BLOCK_DK2=dk2, BLOCK_DV1=dv1, BLOCK_DV2=dv2,
-            WINDOWED=windowed, VARLEN=docs.varlen, ATOMIC=atomic, DOT_PREC=prec, BLOCK_N=block_n,
+            WINDOWED=windowed, VARLEN=docs.varlen, ATOMIC=atomic, DOT_PREC=prec, BLOCK_N_S=bn_s,
             **extra,
         )
     if atomic:
