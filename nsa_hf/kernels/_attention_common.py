@@ -17,19 +17,23 @@ Design (FlashAttention-2 style, written for H100 / bf16):
   (row r -> position r // HG, head r % HG; HG = G, or BLOCK_M with G split in NUM_HC chunks when G > BLOCK_M).
   Small groups therefore still fill the tensor-core rows, and each K/V tile is loaded once for the whole group.
 * Forward / dQ: one program per (query tile, KV head [x head chunk]); it walks only the key tiles inside the tile's
-  visible band, split in three runs: masked tiles at the low edge (window), unmasked interior tiles, masked tiles at
-  the high (causal) edge. Online softmax in the exp2 domain with fp32 accumulators; a row that sees no key gets
-  o = 0 and lse = -inf.
-* dK/dV: one program per (key tile, KV head, query chunk); it walks the query tiles (all heads of the group) that
-  can see the key tile, again masked / unmasked / masked, computing S^T, P^T, dV += P^T dO, dP^T, dS^T,
-  dK += dS^T Q. For long causal bands (compressed branch) the queries are split into chunks that add into fp32
-  buffers with atomics, so the triangular work is spread over many programs; with one chunk the result is stored
-  directly (deterministic).
-* delta = rowsum(dO * O) comes from a small preprocessing kernel (or from the caller).
+  visible band (window: [t_min - w + 1, t_max]; compressed: [0, (t_max + 1 - l) // d]). Only edge tiles are masked:
+  either three loops (masked low edge / unmasked interior / masked high edge) or one software-pipelined loop that
+  tests at run time whether a tile is an edge tile (SPLIT, autotuned). Online softmax in the exp2 domain with fp32
+  accumulators; a row that sees no key gets o = 0 and lse = -inf, and P = 0 in the backward (no NaN).
+* dK/dV: one program per (key tile, KV head, query chunk); it walks the query tiles (all heads of the group, so no
+  reduction over heads is needed) that can see the key tile, masked / unmasked / masked, computing S^T, P^T,
+  dV += P^T dO, dP^T, dS^T, dK += dS^T Q. On long causal bands (compressed branch) the queries are split into chunks
+  whose partial dK/dV add up with fp32 atomics, so the triangular work spreads over many programs; with a single
+  chunk (window branch, short sequences) the result is stored directly and is deterministic.
+* dQ: its own kernel (no atomics); it also computes delta = rowsum(dO * O) for its rows when the caller has none,
+  before the dK/dV kernel reads it.
 * Head dims that are not a power of two (192) are split into two power-of-two pieces (128 + 64) so no tensor-core
-  work is wasted on padding.
-* Packed documents: one program per (document, tile) from a work list built on the device (no host sync); without
-  `cu_seqlens` the batch plays the role of the documents.
+  work is wasted on padding; other odd dims are zero-padded on the host.
+* Packed documents: one program per (document, tile) from a work list built on the device (no host sync; cached per
+  `cu_seqlens` object); without `cu_seqlens` the batch plays the role of the documents.
+* Configurations (key tile, warps, stages, loop form) are autotuned per (group size, head dims, branch, varlen) among
+  ones checked to compile for sm_90a without register spills; the interpreter (CPU tests) uses one fixed small set.
 
 Nothing of size T x T or T x Nc is ever allocated.
 """
@@ -44,7 +48,6 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 _BIG = 1 << 30  # "no window"
 
 
