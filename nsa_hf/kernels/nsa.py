@@ -35,7 +35,7 @@ def nsa_attention_triton(
     )
     block_indices = select_blocks(
         q.detach(), k_cmp.detach(), lse_cmp.detach(), compress_block_size, compress_stride, select_block_size,
-        num_selected_blocks, num_initial_blocks, num_local_blocks, scale=scale, **varlen,
+        num_selected_blocks, num_initial_blocks, num_local_blocks, scale=scale, num_keys=k.shape[1], **varlen,
     )
     o_slc = selected_attention(q, k, v, block_indices, select_block_size, scale=scale, **varlen)
     o_win = window_attention(q, k_win, v_win, window_size, scale=scale, **varlen)
