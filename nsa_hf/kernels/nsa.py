@@ -1,11 +1,17 @@
-"""Triton backend of `nsa_attention`: the three branch kernels, the block selection between them, the gated sum."""
+"""
+Triton backend of `nsa_attention`: the three branch kernels, the block selection between them, and a fused gated sum,
+under one autograd.Function so the backward runs the branch backwards directly (no autograd graph of elementwise
+ops, one pass over the branch outputs for the gates).
+"""
 
 import torch
+import triton
+import triton.language as tl
 
-from .compressed import compressed_attention
-from .selected import selected_attention
+from .compressed import compressed_attention_bwd, compressed_attention_fwd
+from .selected import selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks
-from .window import window_attention
+from .window import window_attention_bwd, window_attention_fwd
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -20,6 +26,112 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return None
 
 
+@triton.jit
+def _gate_combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, R, DV: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols[None, :] < DV)
+    offs = rows[:, None].to(tl.int64) * DV + cols[None, :]
+    g0 = tl.load(gates + rows * 3, mask=rmask, other=0.0).to(tl.float32)
+    g1 = tl.load(gates + rows * 3 + 1, mask=rmask, other=0.0).to(tl.float32)
+    g2 = tl.load(gates + rows * 3 + 2, mask=rmask, other=0.0).to(tl.float32)
+    acc = g0[:, None] * tl.load(o_cmp + offs, mask=mask, other=0.0).to(tl.float32)
+    acc += g1[:, None] * tl.load(o_slc + offs, mask=mask, other=0.0).to(tl.float32)
+    acc += g2[:, None] * tl.load(o_win + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_combine_bwd_kernel(
+    do, o_cmp, o_slc, o_win, gates, do_cmp, do_slc, do_win, dgates, R,
+    DV: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols[None, :] < DV)
+    offs = rows[:, None].to(tl.int64) * DV + cols[None, :]
+    b_do = tl.load(do + offs, mask=mask, other=0.0).to(tl.float32)
+    for branch in tl.static_range(3):
+        o_ptr = o_cmp if branch == 0 else (o_slc if branch == 1 else o_win)
+        d_ptr = do_cmp if branch == 0 else (do_slc if branch == 1 else do_win)
+        g = tl.load(gates + rows * 3 + branch, mask=rmask, other=0.0).to(tl.float32)
+        b_o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dgates + rows * 3 + branch, tl.sum(b_o * b_do, axis=1).to(dgates.dtype.element_ty), mask=rmask)
+        tl.store(d_ptr + offs, (g[:, None] * b_do).to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def _combine_launch(DV):
+    BD = triton.next_power_of_2(DV)
+    return BD, max(1, 4096 // BD)
+
+
+def gate_combine_fwd(o_cmp, o_slc, o_win, gates):
+    """`g_cmp * o_cmp + g_slc * o_slc + g_win * o_win` for `[..., DV]` outputs and `[..., 3]` gates, one pass."""
+    out = torch.empty_like(o_cmp)
+    R, DV = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
+    BD, BR = _combine_launch(DV)
+    _gate_combine_fwd_kernel[(triton.cdiv(R, BR),)](o_cmp, o_slc, o_win, gates, out, R, DV=DV, BR=BR, BD=BD)
+    return out
+
+
+def gate_combine_bwd(do, o_cmp, o_slc, o_win, gates):
+    """Returns (dO_cmp, dO_slc, dO_win, dgates) of `gate_combine_fwd`, one pass over its inputs."""
+    d_branches = [torch.empty_like(o_cmp) for _ in range(3)]
+    dgates = torch.empty_like(gates)
+    R, DV = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
+    BD, BR = _combine_launch(DV)
+    _gate_combine_bwd_kernel[(triton.cdiv(R, BR),)](
+        do, o_cmp, o_slc, o_win, gates, *d_branches, dgates, R, DV=DV, BR=BR, BD=BD
+    )
+    return (*d_branches, dgates)
+
+
+class NSAAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_q, cu_k,
+        l, d, lp, n, w, num_initial, num_local, scale,
+    ):
+        shared_win = k_win is None
+        kw, vw = (k, v) if shared_win else (k_win, v_win)
+        varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale=scale, num_keys=k.shape[1], **varlen)
+        block_indices = select_blocks(
+            q, k_cmp, lse_cmp, l, d, lp, n, num_initial, num_local, scale=scale, num_keys=k.shape[1], **varlen
+        )
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, lp, scale=scale, **varlen)
+        o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale=scale, **varlen)
+        gates = gates.contiguous()
+        out = gate_combine_fwd(o_cmp, o_slc, o_win, gates)
+        ctx.save_for_backward(
+            q, k, v, k_cmp, v_cmp, gates, kw, vw, cu_q, cu_k, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+            block_indices,
+        )
+        ctx.settings = (l, d, lp, w, scale, shared_win)
+        ctx.mark_non_differentiable(block_indices)
+        return out, block_indices
+
+    @staticmethod
+    def backward(ctx, do, _unused):
+        (q, k, v, k_cmp, v_cmp, gates, kw, vw, cu_q, cu_k, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+         block_indices) = ctx.saved_tensors
+        l, d, lp, w, scale, shared_win = ctx.settings
+        varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        do_cmp, do_slc, do_win, dgates = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
+        dq, dk_cmp, dv_cmp = compressed_attention_bwd(
+            do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], **varlen
+        )
+        dq_slc, dk, dv = selected_attention_bwd(do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k)
+        dq_win, dk_win, dv_win = window_attention_bwd(do_win, q, kw, vw, o_win, lse_win, w, scale=scale, **varlen)
+        dq = dq.add_(dq_slc).add_(dq_win)
+        if shared_win:
+            dk, dv = dk.add_(dk_win), dv.add_(dv_win)
+            dk_win = dv_win = None
+        return (dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win) + (None,) * 10
+
+
 def nsa_attention_triton(
     q, k, v, k_cmp, v_cmp, gates, *, compress_block_size, compress_stride, select_block_size, num_selected_blocks,
     window_size, num_initial_blocks=1, num_local_blocks=2, scale=None, k_win=None, v_win=None,
@@ -27,17 +139,11 @@ def nsa_attention_triton(
 ):
     """Same contract as `nsa_hf.kernels.nsa_attention`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k_win = k if k_win is None else k_win
-    v_win = v if v_win is None else v_win
-    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    o_cmp, lse_cmp = compressed_attention(
-        q, k_cmp, v_cmp, compress_block_size, compress_stride, scale=scale, num_keys=k.shape[1], **varlen
+    if (k_win is None) != (v_win is None):
+        raise ValueError("pass both `k_win` and `v_win`, or neither")
+    out, _ = NSAAttentionFunction.apply(
+        q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens_q, cu_seqlens_k,
+        compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size,
+        num_initial_blocks, num_local_blocks, scale,
     )
-    block_indices = select_blocks(
-        q.detach(), k_cmp.detach(), lse_cmp.detach(), compress_block_size, compress_stride, select_block_size,
-        num_selected_blocks, num_initial_blocks, num_local_blocks, scale=scale, num_keys=k.shape[1], **varlen,
-    )
-    o_slc = selected_attention(q, k, v, block_indices, select_block_size, scale=scale, **varlen)
-    o_win = window_attention(q, k_win, v_win, window_size, scale=scale, **varlen)
-    g = gates.to(o_cmp.dtype)
-    return torch.addcmul(torch.addcmul(o_win * g[..., 2:3], o_cmp, g[..., 0:1]), o_slc, g[..., 1:2])
+    return out

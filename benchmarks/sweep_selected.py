@@ -1,0 +1,33 @@
+"""Selected-attention tile sweep: forward and backward ms per `block_m` on real selections (bf16, CUDA)."""
+
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_training import LAYOUTS, make_inputs  # noqa: E402
+from nsa_hf.kernels import unfold_compression_blocks  # noqa: E402
+from nsa_hf.kernels.compressed import compressed_attention_fwd  # noqa: E402
+from nsa_hf.kernels.selected import selected_attention_bwd, selected_attention_fwd  # noqa: E402
+from nsa_hf.kernels.selection import select_blocks  # noqa: E402
+
+for layout in sys.argv[1].split(","):
+    HQ, HKV, D, s = LAYOUTS[layout]
+    for T in [int(x) for x in sys.argv[2].split(",")]:
+        q, k, v, _, do = make_inputs(T, HQ, HKV, D)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        l, d, lp, n = s["compress_block_size"], s["compress_stride"], s["select_block_size"], s["num_selected_blocks"]
+        kc = unfold_compression_blocks(k, l, d).mean(2)
+        _, lse = compressed_attention_fwd(q, kc, kc, l, d)
+        idx = select_blocks(q, kc, lse, l, d, lp, n)
+        for bm in (16, 32, 64, 128):
+            try:
+                f = do_bench(lambda: selected_attention_fwd(q, k, v, idx, lp, block_m=bm), return_mode="median")
+                o, lse_s = selected_attention_fwd(q, k, v, idx, lp, block_m=bm)
+                b = do_bench(lambda: selected_attention_bwd(do, q, k, v, o, lse_s, idx, lp, block_m=bm), return_mode="median")
+                print(f"{layout:<10} T={T:6d} block_m={bm:4d}: fwd {f:7.2f} ms  bwd {b:7.2f} ms", flush=True)
+            except Exception as err:
+                print(f"{layout:<10} T={T:6d} block_m={bm:4d}: {type(err).__name__}: {str(err)[:100]}", flush=True)
