@@ -68,14 +68,24 @@ def ours(q, k, v, gates, settings):
     return nsa_attention(q, k, v, k_cmp, v_cmp, gates, backend="triton", **settings)
 
 
+DENSE_GQA = {"mode": None}  # how cuDNN took the GQA heads: "enable_gqa" or "expanded" (recorded in the JSON)
+
+
 def dense_cudnn(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    G = q.shape[2] // k.shape[2]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    # cuDNN's SDPA takes GQA only as expanded heads in this torch version; the expansion is part of a real model's cost.
-    kt, vt = kt.repeat_interleave(G, dim=1), vt.repeat_interleave(G, dim=1)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        if DENSE_GQA["mode"] in (None, "enable_gqa"):
+            try:
+                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+                DENSE_GQA["mode"] = "enable_gqa"
+                return out.transpose(1, 2)
+            except RuntimeError:
+                DENSE_GQA["mode"] = "expanded"
+        # cuDNN without native GQA: expanded K/V heads, as a model's repeat_kv would give it.
+        G = q.shape[2] // k.shape[2]
+        kt, vt = kt.repeat_interleave(G, dim=1), vt.repeat_interleave(G, dim=1)
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
 
 
@@ -197,6 +207,7 @@ def main():
             results.extend(rows)
             del inputs, q, k, v, gates
             torch.cuda.empty_cache()
+    meta["dense_gqa"] = DENSE_GQA["mode"]
     slug = gpu.lower().replace("nvidia", "").strip().split()[0]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"training_{slug}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
