@@ -425,6 +425,12 @@ def test_gpu_triton_model_matches_reference_backend(monkeypatch, shared_kv):
     ref_logits, ref_grads = run()
     assert (logits - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
     for name, ref in ref_grads.items():
+        if name.endswith("compress_key.down_proj.bias"):
+            # A bias shared by every compressed key shifts all of a query's cmp logits equally, so softmax cancels it:
+            # its true gradient is exactly 0 and both backends return rounding noise. Check that the noise is tiny.
+            weight_grad = grads[name.replace(".bias", ".weight")]
+            assert grads[name].norm() < 1e-2 * weight_grad.norm(), (name, grads[name].norm().item())
+            continue
         err = (grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err < 0.05, (name, err.item())
 
