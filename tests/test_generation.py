@@ -11,26 +11,10 @@ from nsa_hf import NSAConfig, NSAForCausalLM
 from nsa_hf.kernels import num_compressed_blocks
 from nsa_hf.modeling import NSACache
 
-DIMS = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-)
-NSA_SIZES = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4, window_size=16)
-VARIANTS = {
-    "mlp": {},
-    "mean": dict(compress_function="mean"),
-    "separate_kv": dict(shared_kv=False),
-    "qk_norm": dict(use_qk_norm=True),
-}
+from _tiny import NSA_SIZES, VARIANTS, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import DIMS as _TINY_DIMS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy CPU machine they cost a lot of synchronisation."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+DIMS = dict(_TINY_DIMS, pad_token_id=0, bos_token_id=None, eos_token_id=None)
 
 
 def make_model(seed=0, **overrides) -> NSAForCausalLM:

@@ -24,26 +24,7 @@ from nsa_hf import NSAConfig, NSAForCausalLM, NSAModel
 from nsa_hf.kernels import nsa_attention
 from nsa_hf.modeling import NSACache, modeling_nsa
 
-DIMS = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16,
-)
-NSA_SIZES = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4, window_size=16)
-VARIANTS = {
-    "mlp": {},
-    "mean": dict(compress_function="mean"),
-    "separate_kv": dict(shared_kv=False),
-    "qk_norm": dict(use_qk_norm=True),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy CPU machine they cost a lot of synchronisation."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from _tiny import DIMS, NSA_SIZES, VARIANTS, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 
 def tiny_config(**overrides) -> NSAConfig:
