@@ -9,55 +9,14 @@ such rows must be rare.
 """
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from nsa_hf.kernels.reference import compressed_attention_ref, select_blocks_ref, selection_scores_ref
+from nsa_hf.kernels.selection import select_blocks
 from nsa_hf.kernels.utils import compressed_cu_seqlens, num_compressed_blocks
-
-
-def _fix_triton_interpreter():
-    """
-    Two fixes for Triton 3.6's interpreter, test-side only (compiled kernels are unaffected):
-    - with numpy >= 2.4 `int()` of a 1-element array raises, and the interpreter turns loop bounds into ints that way,
-      so any `for i in range(runtime_value)` in a kernel fails; use the element instead;
-    - `tl.reduce` with a custom combine function (xor_sum, used by tl.sort / tl.topk / tl.flip) runs one Python call
-      per element; give xor its numpy reduction (same result).
-    """
-    import triton.language as tl
-    import triton.runtime.interpreter as interp
-
-    if getattr(interp, "_nsa_hf_patched", False):
-        return
-    interp._nsa_hf_patched = True
-    try:
-        int(np.array([1]))
-    except TypeError:
-        patch_tensor = interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):
-            patch_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interp._patch_lang_tensor = _patch_lang_tensor
-    apply_impl = interp.ReduceOps.apply_impl
-
-    def _apply_impl(self, input):
-        if self.combine_fn == tl.standard._xor_combine:
-            data = input[0].handle.data
-            return self.to_tensor(np.bitwise_xor.reduce(data, axis=self.axis, keepdims=self.keep_dims), input[0].dtype)
-        return apply_impl(self, input)
-
-    interp.ReduceOps.apply_impl = _apply_impl
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_triton_interpreter()
-
-from nsa_hf.kernels.selection import select_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

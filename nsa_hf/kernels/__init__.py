@@ -3,12 +3,18 @@ The one seam between the model and the attention kernels: `nsa_attention`. The m
 Triton on CUDA tensors where the kernels cover the shapes, the PyTorch reference everywhere else.
 """
 
+import os
 import warnings
 
 import torch
 
 from .reference import check_query_key_lengths, nsa_attention_ref
 from .utils import compressed_cu_seqlens, num_compressed_blocks, unfold_compression_blocks
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around Triton 3.6 interpreter bugs
+    from ._interpreter import patch_triton_interpreter
+
+    patch_triton_interpreter()
 
 _warned: set[str] = set()
 

@@ -51,38 +51,6 @@ LOG2E = 1.4426950408889634
 _BIG = 1 << 30  # "no window"
 
 
-def _patch_interpreter_index():
-    """
-    Triton 3.6's interpreter turns a scalar tensor into a Python int with `int(array)`, which numpy >= 2.4 refuses
-    for its 1-element (not 0-d) scalars, so `range(lo, hi)` with tensor bounds fails on the CPU. Make `__index__` go
-    through `.item()`; nothing changes on the GPU, where kernels are compiled.
-    """
-    try:
-        import numpy as np
-        from triton.runtime import interpreter as _interp
-    except ImportError:  # pragma: no cover
-        return
-    try:
-        int(np.array([1]))
-        return  # old numpy: nothing to fix
-    except TypeError:
-        pass
-    if getattr(_interp._patch_lang_tensor, "_nsa_index_fix", False):
-        return
-    original = _interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._nsa_index_fix = True
-    _interp._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _patch_interpreter_index()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # small jit helpers
 # ---------------------------------------------------------------------------------------------------------------------
