@@ -1,4 +1,9 @@
-"""Selected-attention tile sweep: forward and backward ms per `block_m` on real selections (bf16, CUDA)."""
+"""
+Selected-attention strategy sweep on real selections (bf16, CUDA): forward ms per query-tile height `block_m`, and
+backward ms with dQ fused into the dK/dV pass (atomics) or in its own tiled pass per `block_m`.
+
+    python benchmarks/sweep_selected.py paper,llama3-8b 8192,65536
+"""
 
 import os
 import sys
@@ -14,6 +19,11 @@ from nsa_hf.kernels.compressed import compressed_attention_fwd  # noqa: E402
 from nsa_hf.kernels.selected import selected_attention_bwd, selected_attention_fwd  # noqa: E402
 from nsa_hf.kernels.selection import select_blocks  # noqa: E402
 
+
+def ms(fn):
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
 for layout in sys.argv[1].split(","):
     HQ, HKV, D, s = LAYOUTS[layout]
     for T in [int(x) for x in sys.argv[2].split(",")]:
@@ -23,11 +33,13 @@ for layout in sys.argv[1].split(","):
         kc = unfold_compression_blocks(k, l, d).mean(2)
         _, lse = compressed_attention_fwd(q, kc, kc, l, d)
         idx = select_blocks(q, kc, lse, l, d, lp, n)
-        for bm in (16, 32, 64, 128):
+        o, lse_s = selected_attention_fwd(q, k, v, idx, lp)
+        fused = ms(lambda: selected_attention_bwd(do, q, k, v, o, lse_s, idx, lp, dq_mode="fused"))
+        print(f"{layout:<10} T={T:6d} bwd dq fused: {fused:7.2f} ms", flush=True)
+        for bm in (16, 32, 64):
             try:
-                f = do_bench(lambda: selected_attention_fwd(q, k, v, idx, lp, block_m=bm), return_mode="median")
-                o, lse_s = selected_attention_fwd(q, k, v, idx, lp, block_m=bm)
-                b = do_bench(lambda: selected_attention_bwd(do, q, k, v, o, lse_s, idx, lp, block_m=bm), return_mode="median")
-                print(f"{layout:<10} T={T:6d} block_m={bm:4d}: fwd {f:7.2f} ms  bwd {b:7.2f} ms", flush=True)
+                f = ms(lambda: selected_attention_fwd(q, k, v, idx, lp, block_m=bm))
+                b = ms(lambda: selected_attention_bwd(do, q, k, v, o, lse_s, idx, lp, block_m=bm, dq_mode="tiled"))
+                print(f"{layout:<10} T={T:6d} block_m={bm:4d}: fwd {f:7.2f} ms  bwd dq tiled {b:7.2f} ms", flush=True)
             except Exception as err:
                 print(f"{layout:<10} T={T:6d} block_m={bm:4d}: {type(err).__name__}: {str(err)[:100]}", flush=True)

@@ -207,21 +207,43 @@ def test_decoding_varlen_one_query_per_document():
     assert_matches(q, k, v, idx, lp, cu_q=cu_q, cu_k=cu_k, gen=gen)
 
 
+def check_fwd_bwd(q, k, v, idx, lp, gen, block_m=None, dq_mode=None):
+    o, lse = selected_attention_fwd(q, k, v, idx, lp, block_m=block_m)
+    torch.testing.assert_close(o, selected_attention_ref(q, k, v, idx, lp), atol=ATOL, rtol=RTOL)
+    do = torch.randn(o.shape, generator=gen)
+    grads = selected_attention_bwd(do, q, k, v, o, lse, idx, lp, block_m=block_m, dq_mode=dq_mode)
+    qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+    selected_attention_ref(qq, kk, vv, idx, lp).backward(do)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, (qq.grad, kk.grad, vv.grad)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dq_mode", ["fused", "tiled"])
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
-def test_tile_sizes_agree(block_m):
-    """Every query-tile height (positions x heads per tile) gives the reference result, fwd and bwd."""
+def test_tile_sizes_agree(block_m, dq_mode):
+    """Every query-tile height (positions x heads per tile) gives the reference result, fwd and both dQ modes."""
     gen = torch.Generator().manual_seed(11)
     HQ, HKV, DK, DV, lp, n, T = 6, 2, 16, 16, 16, 3, 53  # G=3: tiles straddle positions for every block_m
     q, k, v = make_qkv(1, T, T, HQ, HKV, DK, DV, gen)
     idx = random_indices(1, T, T, HKV, n, lp, gen, allow_empty=False)
-    o, lse = selected_attention_fwd(q, k, v, idx, lp, block_m=block_m)
-    torch.testing.assert_close(o, selected_attention_ref(q, k, v, idx, lp), atol=ATOL, rtol=RTOL)
-    do = torch.randn(o.shape, generator=gen)
-    grads = selected_attention_bwd(do, q, k, v, o, lse, idx, lp, block_m=block_m)
-    qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
-    selected_attention_ref(qq, kk, vv, idx, lp).backward(do)
-    for a, b in zip(grads, (qq.grad, kk.grad, vv.grad)):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    check_fwd_bwd(q, k, v, idx, lp, gen, block_m=block_m, dq_mode=dq_mode)
+
+
+@pytest.mark.parametrize("dq_mode", ["fused", "tiled"])
+@pytest.mark.parametrize("G,block_m", [(16, 16), (32, 16), (32, 32)])
+def test_one_position_tiles(G, block_m, dq_mode):
+    """
+    Tiles inside one position walk its own list (no union table): -1 slots, blocks past the causal limit, repeated
+    and unsorted entries must still count each eligible block once.
+    """
+    gen = torch.Generator().manual_seed(14)
+    HKV, DK, DV, lp, n, T = 1, 16, 16, 8, 4, 37
+    q, k, v = make_qkv(1, T, T, G * HKV, HKV, DK, DV, gen)
+    idx = random_indices(1, T, T, HKV, n, lp, gen)
+    idx[0, 20, 0] = torch.tensor([2, -1, 0, 2], dtype=torch.int32)  # unsorted, with a repeat
+    idx[0, 5, 0] = torch.tensor([0, 3, 4, 0], dtype=torch.int32)  # blocks 3, 4 start after position 5
+    assert G % block_m == 0  # every tile sits inside one position
+    check_fwd_bwd(q, k, v, idx, lp, gen, block_m=block_m, dq_mode=dq_mode)
 
 
 def test_dkdv_split_into_segments(monkeypatch):
@@ -343,6 +365,24 @@ def test_gpu_paper_shapes_bf16(T, HQ, HKV, DK, DV):
     q, k, v = make_qkv(1, T, T, HQ, HKV, DK, DV, gen, device="cuda", dtype=torch.bfloat16)
     idx = reference_selection(q, k, 32, 16, 64, 16)
     check_gpu(q, k, v, idx, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("HQ,HKV", [(64, 4), (32, 8)])
+def test_gpu_dq_modes_bf16(HQ, HKV):
+    """Both dQ strategies (fused atomics in the dK/dV pass, separate tiled pass) match the reference."""
+    gen = torch.Generator().manual_seed(HQ)
+    T = 4096
+    q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
+    idx = reference_selection(q, k, 32, 16, 64, 16)
+    o, lse = selected_attention_fwd(q, k, v, idx, 64)
+    do = torch.randn_like(o)
+    ref = reference_grads_chunked(q, k, v, idx, 64, do, 1024)
+    assert rel_err(o, ref[0]) < 1e-2
+    for mode in ("fused", "tiled"):
+        grads = selected_attention_bwd(do, q, k, v, o, lse, idx, 64, dq_mode=mode)
+        for name, a, b in zip(("dq", "dk", "dv"), grads, ref[1:]):
+            assert rel_err(a, b) < 1e-2, f"{mode} {name}"
 
 
 @pytest.mark.gpu

@@ -695,7 +695,7 @@ def _dims(args):
 # 4 warps spill (fp32 accumulator 128 x DV plus the 128 x BLOCK_N scores), 8 warps do not; with the dK/dV
 # accumulators (64 x (DK + DV) fp32), 64-row query steps spill when DK + DV > 256 and 4 warps spill when DK + DV > 256
 # or with 64-row steps at DK + DV = 256. The rules below keep the configurations that compiled without spills.
-def _choose(kept, configs):
+def choose_configs(kept, configs):
     """
     The configurations the autotuner times. Environment overrides (read at the first call for a tuning key):
     NSA_HF_AUTOTUNE=0 takes the first valid configuration without timing (quick tests, short jobs);
@@ -721,7 +721,7 @@ def _prune_q_tiled(configs, named_args, **kwargs):
         and not (c.num_warps == 8 and bm <= 32)
         and not (c.kwargs["BLOCK_N"] >= 128 and dk + dv > 256)
     ]
-    return _choose(kept, configs)
+    return choose_configs(kept, configs)
 
 
 def _prune_k_tiled(configs, named_args, **kwargs):
@@ -736,7 +736,7 @@ def _prune_k_tiled(configs, named_args, **kwargs):
             and not (bn == 64 and bm >= 64 and dk + dv > 256)
         ):
             kept.append(c)
-    return _choose(kept, configs)
+    return choose_configs(kept, configs)
 
 
 # the dK/dV kernel autotunes BLOCK_M (query rows per step); the GQA packing follows from it

@@ -44,7 +44,7 @@ def _gate_combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, R, DV: tl.constexp
 
 @triton.jit
 def _gate_combine_bwd_kernel(
-    do, o_cmp, o_slc, o_win, gates, do_cmp, do_slc, do_win, dgates, R,
+    do, o_cmp, o_slc, o_win, gates, do_cmp, do_slc, do_win, dgates, deltas, R,
     DV: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -59,7 +59,10 @@ def _gate_combine_bwd_kernel(
         g = tl.load(gates + rows * 3 + branch, mask=rmask, other=0.0).to(tl.float32)
         b_o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dgates + rows * 3 + branch, tl.sum(b_o * b_do, axis=1).to(dgates.dtype.element_ty), mask=rmask)
-        tl.store(d_ptr + offs, (g[:, None] * b_do).to(d_ptr.dtype.element_ty), mask=mask)
+        d_branch = (g[:, None] * b_do).to(d_ptr.dtype.element_ty)
+        tl.store(d_ptr + offs, d_branch, mask=mask)
+        # the branch's softmax-backward term rowsum(dO_branch * O_branch), from the rounded dO_branch it will see
+        tl.store(deltas + branch * R + rows, tl.sum(d_branch.to(tl.float32) * b_o, axis=1), mask=rmask)
 
 
 def _combine_launch(DV):
@@ -77,15 +80,20 @@ def gate_combine_fwd(o_cmp, o_slc, o_win, gates):
 
 
 def gate_combine_bwd(do, o_cmp, o_slc, o_win, gates):
-    """Returns (dO_cmp, dO_slc, dO_win, dgates) of `gate_combine_fwd`, one pass over its inputs."""
+    """
+    Backward of `gate_combine_fwd`, one pass over its inputs. Returns (dO_cmp, dO_slc, dO_win, dgates, deltas):
+    deltas float32 `[3, ...]` holds rowsum(dO_b * O_b) of each branch b (cmp, slc, win), which their attention
+    backwards need.
+    """
     d_branches = [torch.empty_like(o_cmp) for _ in range(3)]
     dgates = torch.empty_like(gates)
+    deltas = torch.empty(3, *o_cmp.shape[:-1], dtype=torch.float32, device=o_cmp.device)
     R, DV = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
     BD, BR = _combine_launch(DV)
     _gate_combine_bwd_kernel[(triton.cdiv(R, BR),)](
-        do, o_cmp, o_slc, o_win, gates, *d_branches, dgates, R, DV=DV, BR=BR, BD=BD
+        do, o_cmp, o_slc, o_win, gates, *d_branches, dgates, deltas, R, DV=DV, BR=BR, BD=BD
     )
-    return (*d_branches, dgates)
+    return (*d_branches, dgates, deltas)
 
 
 class NSAAttentionFunction(torch.autograd.Function):
@@ -119,12 +127,16 @@ class NSAAttentionFunction(torch.autograd.Function):
          block_indices) = ctx.saved_tensors
         l, d, lp, w, scale, shared_win = ctx.settings
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-        do_cmp, do_slc, do_win, dgates = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
+        do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
-            do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], **varlen
+            do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], delta=deltas[0], **varlen
         )
-        dq_slc, dk, dv = selected_attention_bwd(do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k)
-        dq_win, dk_win, dv_win = window_attention_bwd(do_win, q, kw, vw, o_win, lse_win, w, scale=scale, **varlen)
+        dq_slc, dk, dv = selected_attention_bwd(
+            do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k, delta=deltas[1]
+        )
+        dq_win, dk_win, dv_win = window_attention_bwd(
+            do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
+        )
         dq = dq.add_(dq_slc).add_(dq_win)
         if shared_win:
             dk, dv = dk.add_(dk_win), dv.add_(dv_win)

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_common import attention_delta, choose_configs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 
@@ -91,6 +93,30 @@ def _doc_bounds(doc, CU_Q, CU_K, TQ, TK, VARLEN: tl.constexpr):
         bos_k = doc * TK
         len_k = TK
     return bos_q, len_q, bos_k, len_k
+
+
+@triton.jit
+def _tile_block(e, UB, UM, ubase, bit, IDX_ROW, t0, L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                DIRECT: tl.constexpr):
+    """
+    Entry `e` of a tile's block walk: (block, [BM] rows that use it, whether the block has visible keys).
+    DIRECT (the tile is one position): entry e is slot e of the position's own list at IDX_ROW; -1, blocks past the
+    causal limit t0 and repeats of an earlier slot are skipped. Otherwise entry e of the union table.
+    """
+    if DIRECT:
+        c = tl.arange(0, NP)
+        row = tl.load(IDX_ROW + c, mask=c < N, other=-1)
+        blk = tl.load(IDX_ROW + e)
+        repeats = tl.sum(((row == blk) & (c < e)).to(tl.int32), 0)
+        blk_ok = (blk >= 0) & (blk * L <= t0) & (t0 >= 0) & (repeats == 0)
+        blk = tl.where(blk_ok, blk, 0)
+        active = (bit == 0) & blk_ok
+    else:
+        blk = tl.load(UB + ubase + e)
+        msk = tl.load(UM + ubase + e)
+        active = ((msk >> bit) & 1) != 0
+        blk_ok = blk >= 0
+    return blk, active, blk_ok
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,21 +175,25 @@ def _union_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# NSA_HF_AUTOTUNE=0 / NSA_HF_CONFIG_INDEX apply here as in the band kernels
+_PRUNE = {"early_config_prune": lambda configs, named_args, **kwargs: choose_configs(configs, configs)}
+
+
 def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["G", "L", "DK", "DV", "BM", "BN"])
+@triton.autotune(configs=_fwd_configs(), key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_it, stride_ih,
     TQ, TK, TILES_PER_DOC, MAXU, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DIRECT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -193,17 +223,20 @@ def _fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
-    cnt = tl.load(UC + tile * HKV + h)
     ubase = (tile * HKV + h).to(tl.int64) * MAXU
+    idx_row = IDX + (bos_q + row0 // G).to(tl.int64) * stride_it + h * stride_ih
+    t0 = row0 // G + (len_k - len_q)
+    if DIRECT:
+        cnt = N
+    else:
+        cnt = tl.load(UC + tile * HKV + h)
     cols = tl.arange(0, BN)
     for i in range(0, _idx(cnt * NSUB)):
         e = i // NSUB
-        blk = tl.load(UB + ubase + e)
-        msk = tl.load(UM + ubase + e)
-        active = ((msk >> bit) & 1) != 0
+        blk, active, blk_ok = _tile_block(e, UB, UM, ubase, bit, idx_row, t0, L, N, NP, DIRECT)
         c = (i % NSUB) * BN + cols
         kpos = blk * L + c
-        kv_ok = (c < L) & (kpos < len_k)
+        kv_ok = (c < L) & (kpos < len_k) & blk_ok
         krow = (bos_k + kpos).to(tl.int64)
         kt1 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d1[:, None],
                       mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
@@ -238,16 +271,16 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_fwd_configs(), key=["G", "L", "DK", "DV", "BM", "BN"])
+@triton.autotune(configs=_fwd_configs(), key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC,
+    Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_it, stride_ih,
     TQ, TK, TILES_PER_DOC, MAXU, scale_log2, scale,
-    HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DIRECT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -284,17 +317,20 @@ def _dq_kernel(
     dq1 = tl.zeros([BM, BK1], tl.float32)
     if BK2 > 0:
         dq2 = tl.zeros([BM, BK2], tl.float32)
-    cnt = tl.load(UC + tile * HKV + h)
     ubase = (tile * HKV + h).to(tl.int64) * MAXU
+    idx_row = IDX + (bos_q + row0 // G).to(tl.int64) * stride_it + h * stride_ih
+    t0 = row0 // G + (len_k - len_q)
+    if DIRECT:
+        cnt = N
+    else:
+        cnt = tl.load(UC + tile * HKV + h)
     cols = tl.arange(0, BN)
     for i in range(0, _idx(cnt * NSUB)):
         e = i // NSUB
-        blk = tl.load(UB + ubase + e)
-        msk = tl.load(UM + ubase + e)
-        active = ((msk >> bit) & 1) != 0
+        blk, active, blk_ok = _tile_block(e, UB, UM, ubase, bit, idx_row, t0, L, N, NP, DIRECT)
         c = (i % NSUB) * BN + cols
         kpos = blk * L + c
-        kv_ok = (c < L) & (kpos < len_k)
+        kv_ok = (c < L) & (kpos < len_k) & blk_ok
         krow = (bos_k + kpos).to(tl.int64)
         kt1 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d1[:, None],
                       mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
@@ -330,17 +366,23 @@ def _dkdv_configs():
     ]
 
 
-@triton.autotune(configs=_dkdv_configs(), key=["G", "L", "DK", "DV", "BN"], reset_to_zero=["DKA", "DVA"])
+@triton.autotune(
+    configs=_dkdv_configs(), key=["G", "L", "DK", "DV", "BN", "FUSE_DQ"], reset_to_zero=["DKA", "DVA", "DQA"],
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DKA, DVA, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
+    Q, K, V, DO, LSE, DELTA, DKA, DVA, DQA, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     TQ, TK, NSB, NBUCKETS, SEG, scale_log2, scale,
     HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, FUSE_DQ: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program: KV head h, keys [j*L + sub*BN, +BN) of block j, against one segment of the queries that chose j."""
+    """
+    One program: KV head h, keys [j*L + sub*BN, +BN) of block j, against one segment of the queries that chose j.
+    With FUSE_DQ it also adds dS K of those rows into the fp32 dQ accumulator DQA `[Nq, HQ, DK]` (atomics).
+    """
     item = tl.program_id(0)
     sub = tl.program_id(1)
     bucket = tl.load(ITEM_BUCKET + item)
@@ -409,6 +451,14 @@ def _dkdv_kernel(
         dk1 += tl.dot(dsT, q1, input_precision=PREC)
         if BK2 > 0:
             dk2 += tl.dot(dsT, q2, input_precision=PREC)
+        if FUSE_DQ:
+            ds = tl.trans(dsT)
+            dq_base = (qrow * HQ + head)[:, None] * DK
+            tl.atomic_add(DQA + dq_base + d1[None, :], tl.dot(ds, k1, input_precision=PREC) * scale,
+                          mask=r_ok[:, None] & (d1[None, :] < DK), sem="relaxed")
+            if BK2 > 0:
+                tl.atomic_add(DQA + dq_base + d2[None, :], tl.dot(ds, k2, input_precision=PREC) * scale,
+                              mask=r_ok[:, None] & (d2[None, :] < DK), sem="relaxed")
 
     # dK/dV accumulators: fp32 [Nk, HKV, D] contiguous.
     single = (hi - lo) <= SEG
@@ -464,6 +514,8 @@ def _tile_rows(G: int) -> int:
     while the masked MMA work grows at most ~2x. 64 rows fill one H100 warpgroup MMA (wgmma needs M=64 per warpgroup);
     for G=1 we stop at 32 rows (32 positions) so that long-context random selections do not blow the union up.
     """
+    if G % 16 == 0:
+        return 16  # one position per tile: the position's own list, no union, no masked rows
     return 64 if G >= 4 else 32
 
 
@@ -592,6 +644,13 @@ class _Tiles:
             self.tile_doc = self.tile_row0 = torch.zeros(1, dtype=torch.int32, device=dev)
         npos = _tile_positions(G, BM)
         self.npos = npos
+        # A tile inside one position walks that position's own list: no union table is needed.
+        self.direct = G % BM == 0
+        if self.direct:
+            self.maxu = 1
+            self.ub = self.uc = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.um = torch.zeros(1, dtype=torch.int64, device=dev)
+            return
         # A union never holds more blocks than a document has (caps the table for small G and long selections).
         max_blocks = triton.cdiv(pk.Nk, pk.L) if pk.varlen else triton.cdiv(pk.TK, pk.L)
         self.maxu = max(1, min(npos * pk.n, max_blocks))
@@ -639,11 +698,11 @@ def selected_attention_fwd(
     tiles = _Tiles(pk, BM)
     _fwd_kernel[(tiles.num, pk.HKV)](
         pk.q, pk.k, pk.v, o, lse, pk.cu_q, pk.cu_k, tiles.tile_doc, tiles.tile_row0, tiles.ub, tiles.um, tiles.uc,
-        pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
-        o.stride(0), o.stride(1),
+        pk.idx, pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
+        o.stride(0), o.stride(1), pk.idx.stride(0), pk.idx.stride(1),
         pk.TQ, pk.TK, tiles.per_doc, tiles.maxu, pk.scale * _LOG2E,
-        HKV=pk.HKV, G=pk.G, L=pk.L, DK=pk.DK, DV=pk.DV, BK1=pk.BK1, BK2=pk.BK2, BV=pk.BV,
-        BM=BM, BN=_key_tile(pk.L), VARLEN=pk.varlen, PREC=pk.prec,
+        HKV=pk.HKV, G=pk.G, L=pk.L, N=pk.n, NP=max(2, _next_pow2(pk.n)), DK=pk.DK, DV=pk.DV, BK1=pk.BK1,
+        BK2=pk.BK2, BV=pk.BV, BM=BM, BN=_key_tile(pk.L), DIRECT=tiles.direct, VARLEN=pk.varlen, PREC=pk.prec,
     )
     return pk.unpack_q(o), lse.reshape(pk.B, -1, pk.HQ)
 
@@ -656,6 +715,8 @@ def _reverse_index(pk: _Packed, seg: int):
     dev = pk.q.device
     HKV, n, L = pk.HKV, pk.n, pk.L
     idx = pk.idx.long()  # [Nq, HKV, n]
+    if n > 1:  # sorted rows make repeated blocks neighbours (any order is accepted)
+        idx = idx.sort(dim=-1).values
     if pk.varlen:
         len_q = (pk.cu_q[1:] - pk.cu_q[:-1]).long()
         len_k = (pk.cu_k[1:] - pk.cu_k[:-1]).long()
@@ -676,7 +737,7 @@ def _reverse_index(pk: _Packed, seg: int):
         first_blk = (rows // pk.TQ) * nb
         blk_doc = blk_off32 = torch.zeros(1, dtype=torch.int32, device=dev)
     valid = (idx >= 0) & (idx <= (t.clamp_min(0) // L)[:, None, None]) & (t >= 0)[:, None, None]
-    if n > 1:  # a block listed twice in one (ascending) row counts once
+    if n > 1:  # a block listed twice in one row counts once
         valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
     nbuckets = HKV * nsb
     heads = torch.arange(HKV, device=dev)[None, :, None]
@@ -701,51 +762,75 @@ def _reverse_index(pk: _Packed, seg: int):
     )
 
 
+def _default_dq_mode(G: int) -> str:
+    return "fused"
+
+
 def selected_attention_bwd(
     do, q, k, v, o, lse, block_indices, select_block_size, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
-    block_m=None,
+    block_m=None, delta=None, dq_mode=None,
 ):
     """
     Backward of selected-block attention from the forward's `o` and `lse`. Returns `(dq, dk, dv)` shaped and typed
     like q, k, v.
+
+    `delta` (float32 `[B, Tq, HQ]`, rowsum(do * o)) may be passed by a caller that has it. `dq_mode`: "fused" adds
+    dQ inside the dK/dV pass over the reverse index with fp32 atomics (each (query, block) pair is visited once for
+    all four gradients); "tiled" runs a separate dQ pass over the query tiles, like the forward (no atomics on dQ).
     """
+    dq_mode = dq_mode or _default_dq_mode(q.shape[2] // max(1, k.shape[2]))
+    if dq_mode not in ("fused", "tiled"):
+        raise ValueError(f"dq_mode must be 'fused' or 'tiled', got {dq_mode!r}")
     pk = _Packed(q, k, v, block_indices, select_block_size, scale, cu_seqlens_q, cu_seqlens_k)
     dev = q.device
-    dq = torch.empty(pk.Nq, pk.HQ, pk.DK, dtype=q.dtype, device=dev)
+    fused = dq_mode == "fused"
     dka = torch.zeros(pk.Nk, pk.HKV, pk.DK, dtype=torch.float32, device=dev)
     dva = torch.zeros(pk.Nk, pk.HKV, pk.DV, dtype=torch.float32, device=dev)
+    if fused:
+        dqa = torch.zeros(pk.Nq, pk.HQ, pk.DK, dtype=torch.float32, device=dev)
+    else:
+        dqa = dka  # unused by the kernel
+        dq = torch.empty(pk.Nq, pk.HQ, pk.DK, dtype=q.dtype, device=dev)
     if pk.Nq == 0 or pk.Nk == 0 or pk.n == 0:
-        dq.zero_()
+        dq = torch.zeros(pk.Nq, pk.HQ, pk.DK, dtype=q.dtype, device=dev)
         return pk.unpack_q(dq), pk.unpack_k(dka.to(k.dtype)), pk.unpack_k(dva.to(v.dtype))
     do_ = _rows(do)
-    o_ = _rows(o)
     lse_ = lse.reshape(pk.Nq, pk.HQ).float().contiguous()
-    delta = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=dev)
-    BM = block_m or _tile_rows(pk.G)
-    _check_tile(pk.G, BM)
     BN = _key_tile(pk.L)
-    tiles = _Tiles(pk, BM)
-    _dq_kernel[(tiles.num, pk.HKV)](
-        pk.q, pk.k, pk.v, o_, do_, lse_, delta, dq, pk.cu_q, pk.cu_k,
-        tiles.tile_doc, tiles.tile_row0, tiles.ub, tiles.um, tiles.uc,
-        pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
-        o_.stride(0), o_.stride(1), do_.stride(0), do_.stride(1), dq.stride(0), dq.stride(1),
-        pk.TQ, pk.TK, tiles.per_doc, tiles.maxu, pk.scale * _LOG2E, pk.scale,
-        HKV=pk.HKV, G=pk.G, L=pk.L, DK=pk.DK, DV=pk.DV, BK1=pk.BK1, BK2=pk.BK2, BV=pk.BV,
-        BM=BM, BN=BN, VARLEN=pk.varlen, PREC=pk.prec,
-    )
+    if fused:
+        if delta is None:
+            delta = attention_delta(o, do)
+        delta = delta.reshape(pk.Nq, pk.HQ).float().contiguous()
+    else:
+        o_ = _rows(o)
+        delta = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=dev)
+        BM = block_m or _tile_rows(pk.G)
+        _check_tile(pk.G, BM)
+        tiles = _Tiles(pk, BM)
+        _dq_kernel[(tiles.num, pk.HKV)](
+            pk.q, pk.k, pk.v, o_, do_, lse_, delta, dq, pk.cu_q, pk.cu_k,
+            tiles.tile_doc, tiles.tile_row0, tiles.ub, tiles.um, tiles.uc, pk.idx,
+            pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
+            o_.stride(0), o_.stride(1), do_.stride(0), do_.stride(1), dq.stride(0), dq.stride(1),
+            pk.idx.stride(0), pk.idx.stride(1),
+            pk.TQ, pk.TK, tiles.per_doc, tiles.maxu, pk.scale * _LOG2E, pk.scale,
+            HKV=pk.HKV, G=pk.G, L=pk.L, N=pk.n, NP=max(2, _next_pow2(pk.n)), DK=pk.DK, DV=pk.DV, BK1=pk.BK1,
+            BK2=pk.BK2, BV=pk.BV, BM=BM, BN=BN, DIRECT=tiles.direct, VARLEN=pk.varlen, PREC=pk.prec,
+        )
     seg = max(1, _DKDV_SEGMENT_ROWS // pk.G)
     rev = _reverse_index(pk, seg)
     grid = (rev["num_items"], triton.cdiv(pk.L, BN))
     _dkdv_kernel[grid](
-        pk.q, pk.k, pk.v, do_, lse_, delta, dka, dva, pk.cu_q, pk.cu_k,
+        pk.q, pk.k, pk.v, do_, lse_, delta, dka, dva, dqa, pk.cu_q, pk.cu_k,
         rev["item_bucket"], rev["item_seg"], rev["bucket_off"], rev["blk_doc"], rev["blk_off"], rev["pos"],
         pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
         do_.stride(0), do_.stride(1),
         pk.TQ, pk.TK, rev["nsb"], rev["nbuckets"], seg, pk.scale * _LOG2E, pk.scale,
         HKV=pk.HKV, G=pk.G, L=pk.L, DK=pk.DK, DV=pk.DV, BK1=pk.BK1, BK2=pk.BK2, BV=pk.BV,
-        BN=BN, VARLEN=pk.varlen, PREC=pk.prec,
+        BN=BN, FUSE_DQ=fused, VARLEN=pk.varlen, PREC=pk.prec,
     )
+    if fused:
+        dq = dqa.to(q.dtype)
     return pk.unpack_q(dq), pk.unpack_k(dka.to(k.dtype)), pk.unpack_k(dva.to(v.dtype))
 
 
