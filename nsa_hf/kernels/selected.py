@@ -20,15 +20,19 @@ Design:
   position did not select the block are masked. The union is built by a tiny pre-pass kernel (`_union_kernel`): a
   P-way merge that repeatedly takes the smallest block above the last one taken and records, as a bit mask, which
   positions selected it. The main loops then just walk `(block, position-mask)` pairs, so the merge costs nothing
-  inside the attention loop, and the forward and the dQ kernels reuse the same table layout.
-* Backward. dQ (and delta = rowsum(dO * O)) use the same union loop with p recomputed from the saved log-sum-exp.
-  dK/dV use a reverse index (CSR built with a stable sort and searchsorted, O(Nq * HKV * n) memory): for every (KV head,
+  inside the attention loop, and the forward and the dQ kernels reuse the same table layout. A tile inside one
+  position (G a multiple of the tile height) needs no union: it walks that position's own list.
+* Backward. dK/dV use a reverse index (CSR built with a stable sort and searchsorted, O(Nq * HKV * n) memory): for every (KV head,
   KV block) the sorted list of query positions that selected it. A dK/dV program owns one KV block (or a 64-key
   chunk of it) and walks a segment of that list in chunks of BM gathered rows (positions x heads-in-group), keeping
   dK/dV in fp32 registers. Lists longer than one segment (block 0 is selected by every query, local blocks by
   ~2 l' queries) are cut into segments of ~4096 rows handled by separate programs that combine with fp32 atomic adds;
   blocks with a single segment store directly. This keeps every program's work bounded (no straggler on block 0)
   and touches only selected (position, block) pairs: no T x T or T x (T/l') tensor is ever built.
+  dQ either rides along in that pass (dS K added into an fp32 accumulator with atomics: every (query, block) pair is
+  visited once for all gradients; the default for G < 16) or gets its own pass over the query tiles with the union
+  loop of the forward and p recomputed from the saved log-sum-exp (no atomics; the default for G >= 16, where the
+  tiles have no masked rows to waste and the atomics would be 16 per KV block row).
 """
 
 import os
@@ -503,9 +507,9 @@ def _split_dim(d: int) -> tuple[int, int]:
     return b1, b2
 
 
-def _tile_rows(G: int) -> int:
+def _tile_rows(G: int, avg_keys: int = 0, forward: bool = True) -> int:
     """
-    Rows (positions x heads-in-group) of a query tile for the forward and dQ kernels.
+    Rows (positions x heads-in-group) of a query tile for the forward and the tiled dQ kernels.
 
     More positions per tile load each shared KV block once for more rows (fewer loads) but mask the rows whose
     position did not pick a block (more MMA work). Measured on reference selections (T=4096, l'=64, n=16, random
@@ -513,10 +517,17 @@ def _tile_rows(G: int) -> int:
     for P = 1 / 2 / 4 / 8 / 16 (23 / 28 for P = 4 / 16 on data with local structure): loads per position fall 2-9x
     while the masked MMA work grows at most ~2x. 64 rows fill one H100 warpgroup MMA (wgmma needs M=64 per warpgroup);
     for G=1 we stop at 32 rows (32 positions) so that long-context random selections do not blow the union up.
+    At long context the unions of random selections stop overlapping and the forward is bound by K/V gathers, so
+    16-row tiles (one position for G=16, no union table) win there: H100, `benchmarks/sweep_selected.py`, forward ms
+    for 16 / 64 rows: 18.1 / 19.1 (64q/4kv, 64k), 29.6 / 32.7 (32q/8kv, 64k), 2.25 / 1.75 and 2.65 / 1.72 at 8k.
     """
-    if G % 16 == 0:
-        return 16  # one position per tile: the position's own list, no union, no masked rows
+    if forward and G >= 4 and avg_keys >= _LONG_CONTEXT:
+        return 16
     return 64 if G >= 4 else 32
+
+
+# Keys per document from which the forward takes 16-row query tiles (see _tile_rows).
+_LONG_CONTEXT = 32768
 
 
 def _key_tile(L: int) -> int:
@@ -562,6 +573,9 @@ class _Packed:
         self.BK1, self.BK2 = _split_dim(DK)
         self.BV = max(16, _next_pow2(DV))
         self.prec = _dot_precision(q.dtype)
+
+    def avg_keys(self) -> int:
+        return self.TK if not self.varlen else self.Nk // max(1, self.num_docs)
 
     def unpack_q(self, x):
         return x.reshape(self.B, -1, *x.shape[1:])
@@ -693,7 +707,7 @@ def selected_attention_fwd(
     lse = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=q.device)
     if pk.Nq == 0:
         return pk.unpack_q(o), lse.reshape(pk.B, -1, pk.HQ)
-    BM = block_m or _tile_rows(pk.G)
+    BM = block_m or _tile_rows(pk.G, pk.avg_keys())
     _check_tile(pk.G, BM)
     tiles = _Tiles(pk, BM)
     _fwd_kernel[(tiles.num, pk.HKV)](
@@ -763,7 +777,12 @@ def _reverse_index(pk: _Packed, seg: int):
 
 
 def _default_dq_mode(G: int) -> str:
-    return "fused"
+    """
+    Fused dQ costs one fp32 atomic per (query head, selected block, dim): ~2.8 ms per 1e9 on an H100. The tiled pass
+    pays for masked rows of its union tiles instead, which grows as G shrinks. Measured backward ms (H100, 64k /
+    8k): 32q/8kv fused 21.0 / 2.8 vs tiled 51.3 / 3.2; 64q/4kv fused 42.5 / 4.7 vs tiled 38.6 / 4.1.
+    """
+    return "tiled" if G >= 16 else "fused"
 
 
 def selected_attention_bwd(
@@ -804,7 +823,7 @@ def selected_attention_bwd(
     else:
         o_ = _rows(o)
         delta = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=dev)
-        BM = block_m or _tile_rows(pk.G)
+        BM = block_m or _tile_rows(pk.G, forward=False)
         _check_tile(pk.G, BM)
         tiles = _Tiles(pk, BM)
         _dq_kernel[(tiles.num, pk.HKV)](
