@@ -164,6 +164,7 @@ def main():
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": "bfloat16", "batch": 1,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "window_on_side_stream": os.environ.get("NSA_HF_STREAMS", "1") != "0",
     }
     if fla_available():
         import fla

@@ -386,6 +386,29 @@ def test_gpu_dq_modes_bf16(HQ, HKV):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("HQ,HKV", [(64, 4), (32, 8)])
+def test_gpu_long_context_bf16(HQ, HKV):
+    """
+    From 32k keys the forward takes 16-row tiles (one position for G=16, a union of 4 for G=4). Output and dQ of the
+    last 512 queries (which depend only on those queries' dO) against the reference.
+    """
+    gen = torch.Generator().manual_seed(HQ + 1)
+    T, lp, tail = 32768, 64, 512
+    q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
+    idx = random_indices(1, T, T, HKV, 16, lp, gen, allow_empty=False, device="cuda")
+    assert selected_mod._tile_rows(HQ // HKV, T) == 16
+    qq = q.detach().clone().requires_grad_(True)
+    o = selected_attention(qq, k, v, idx, lp)
+    do = torch.randn_like(o)
+    o.backward(do)
+    qf = q[:, -tail:].detach().float().requires_grad_(True)
+    o_ref = selected_attention_ref(qf, k.float(), v.float(), idx[:, -tail:], lp)
+    o_ref.backward(do[:, -tail:].float())
+    assert rel_err(o[:, -tail:], o_ref) < 1e-2
+    assert rel_err(qq.grad[:, -tail:], qf.grad) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("G", [1, 2, 7])
 def test_gpu_small_groups_bf16(G):
     gen = torch.Generator().manual_seed(G)

@@ -4,6 +4,9 @@ under one autograd.Function so the backward runs the branch backwards directly (
 ops, one pass over the branch outputs for the gates).
 """
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -96,6 +99,39 @@ def gate_combine_bwd(do, o_cmp, o_slc, o_win, gates):
     return (*d_branches, dgates, deltas)
 
 
+_SIDE_STREAMS = {}
+
+
+def _fork(x):
+    """
+    A second CUDA stream, ordered after the current one, for the sliding-window branch: it is bound by tensor-core
+    math while the selection branch is bound by gathers of K/V blocks, so the two overlap on the GPU. None (no
+    overlap) on CPU, during CUDA-graph capture, or with NSA_HF_STREAMS=0.
+    """
+    if not x.is_cuda or os.environ.get("NSA_HF_STREAMS", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return None
+    side = _SIDE_STREAMS.get(x.device)
+    if side is None:
+        side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    return side
+
+
+def _on(side):
+    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+
+def _join(side, *made_on_side):
+    """Order the current stream after `side`; tensors allocated there stay reserved until the current stream is done."""
+    if side is None:
+        return
+    main = torch.cuda.current_stream(side.device)
+    main.wait_stream(side)
+    for t in made_on_side:
+        if t is not None:
+            t.record_stream(main)
+
+
 class NSAAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -105,12 +141,15 @@ class NSAAttentionFunction(torch.autograd.Function):
         shared_win = k_win is None
         kw, vw = (k, v) if shared_win else (k_win, v_win)
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        side = _fork(q)
+        with _on(side):
+            o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale=scale, **varlen)
         o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale=scale, num_keys=k.shape[1], **varlen)
         block_indices = select_blocks(
             q, k_cmp, lse_cmp, l, d, lp, n, num_initial, num_local, scale=scale, num_keys=k.shape[1], **varlen
         )
         o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, lp, scale=scale, **varlen)
-        o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale=scale, **varlen)
+        _join(side, o_win, lse_win)
         gates = gates.contiguous()
         out = gate_combine_fwd(o_cmp, o_slc, o_win, gates)
         ctx.save_for_backward(
@@ -128,15 +167,18 @@ class NSAAttentionFunction(torch.autograd.Function):
         l, d, lp, w, scale, shared_win = ctx.settings
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
+        side = _fork(q)
+        with _on(side):
+            dq_win, dk_win, dv_win = window_attention_bwd(
+                do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
+            )
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
             do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], delta=deltas[0], **varlen
         )
         dq_slc, dk, dv = selected_attention_bwd(
             do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k, delta=deltas[1]
         )
-        dq_win, dk_win, dv_win = window_attention_bwd(
-            do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
-        )
+        _join(side, dq_win, dk_win, dv_win)
         dq = dq.add_(dq_slc).add_(dq_win)
         if shared_win:
             dk, dv = dk.add_(dk_win), dv.add_(dv_win)
