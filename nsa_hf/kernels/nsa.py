@@ -167,18 +167,17 @@ class NSAAttentionFunction(torch.autograd.Function):
         l, d, lp, w, scale, shared_win = ctx.settings
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
-        side = _fork(q)
-        with _on(side):
-            dq_win, dk_win, dv_win = window_attention_bwd(
-                do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
-            )
+        # No side stream here: on an H100 at 64k it made the backward 6 ms slower (the window's dK/dV and the
+        # selection's tiled dQ compete for the same L2), while the forward gains about 1 ms.
+        dq_win, dk_win, dv_win = window_attention_bwd(
+            do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
+        )
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
             do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], delta=deltas[0], **varlen
         )
         dq_slc, dk, dv = selected_attention_bwd(
             do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k, delta=deltas[1]
         )
-        _join(side, dq_win, dk_win, dv_win)
         dq = dq.add_(dq_slc).add_(dq_win)
         if shared_win:
             dk, dv = dk.add_(dk_win), dv.add_(dv_win)
