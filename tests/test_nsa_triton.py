@@ -35,7 +35,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("HQ,HKV", [(4, 4), (8, 2), (7, 1)])
+@pytest.mark.parametrize("HQ,HKV", [(4, 4), (8, 2), (7, 1), (16, 1)])  # G=16: the tiled selected dQ by default
 @pytest.mark.parametrize("T", [1, 37, 100])
 def test_triton_matches_reference_interpreter(HQ, HKV, T):
     q, k, v, gates, do = _inputs(2, T, HQ, HKV, 16, 16, torch.float32, "cpu", seed=T + HQ)
