@@ -695,6 +695,11 @@ def _dims(args):
 # 4 warps spill (fp32 accumulator 128 x DV plus the 128 x BLOCK_N scores), 8 warps do not; with the dK/dV
 # accumulators (64 x (DK + DV) fp32), 64-row query steps spill when DK + DV > 256 and 4 warps spill when DK + DV > 256
 # or with 64-row steps at DK + DV = 256. The rules below keep the configurations that compiled without spills.
+# Query tiles of fewer rows than this come from decoding (a few queries per sequence): the grid is tiny, every
+# configuration runs at launch speed, and timing them all would stall the first generate() call for minutes.
+DECODE_ROWS = 64
+
+
 def choose_configs(kept, configs):
     """
     The configurations the autotuner times. Environment overrides (read at the first call for a tuning key):
@@ -721,6 +726,8 @@ def _prune_q_tiled(configs, named_args, **kwargs):
         and not (c.num_warps == 8 and bm <= 32)
         and not (c.kwargs["BLOCK_N"] >= 128 and dk + dv > 256)
     ]
+    if bm < DECODE_ROWS and kept:
+        kept = kept[:1]
     return choose_configs(kept, configs)
 
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import attention_delta, choose_configs
+from ._attention_common import DECODE_ROWS, attention_delta, choose_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -179,8 +179,13 @@ def _union_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# NSA_HF_AUTOTUNE=0 / NSA_HF_CONFIG_INDEX apply here as in the band kernels
-_PRUNE = {"early_config_prune": lambda configs, named_args, **kwargs: choose_configs(configs, configs)}
+def _prune(configs, named_args, **kwargs):
+    """NSA_HF_AUTOTUNE=0 / NSA_HF_CONFIG_INDEX apply as in the band kernels; decoding launches are not timed."""
+    kept = configs[:1] if kwargs.get("DECODE", False) else configs
+    return choose_configs(kept, configs)
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 
 def _fwd_configs():
@@ -189,7 +194,9 @@ def _fwd_configs():
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_fwd_configs(), key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT", "DECODE"], prune_configs_by=_PRUNE
+)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,
@@ -198,6 +205,7 @@ def _fwd_kernel(
     HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DIRECT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    DECODE: tl.constexpr,  # only a tuning key: decoding launches keep their own (untimed) configuration
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -717,6 +725,7 @@ def selected_attention_fwd(
         pk.TQ, pk.TK, tiles.per_doc, tiles.maxu, pk.scale * _LOG2E,
         HKV=pk.HKV, G=pk.G, L=pk.L, N=pk.n, NP=max(2, _next_pow2(pk.n)), DK=pk.DK, DV=pk.DV, BK1=pk.BK1,
         BK2=pk.BK2, BV=pk.BV, BM=BM, BN=_key_tile(pk.L), DIRECT=tiles.direct, VARLEN=pk.varlen, PREC=pk.prec,
+        DECODE=pk.Nq * pk.G < DECODE_ROWS * pk.num_docs,
     )
     return pk.unpack_q(o), lse.reshape(pk.B, -1, pk.HQ)
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
-from ._attention_common import choose_configs
+from ._attention_common import DECODE_ROWS, choose_configs
 from .utils import compressed_cu_seqlens
 
 _LOG2E = 1.4426950408889634
@@ -388,6 +388,8 @@ def _prune_configs(configs, named_args, **kwargs):
         rows = max(g_pad, 16)
         kept = [triton.Config({"ROWS": rows, "BS": min_bs, "HEAD_MASK": _head_mask(rows, 8, g_pad)}, num_warps=8,
                               num_stages=2)]
+    if {**named_args, **kwargs}.get("T_BUCKET", DECODE_ROWS) < DECODE_ROWS:  # decoding: see DECODE_ROWS
+        kept = kept[:1]
     return choose_configs(kept, kept)
 
 
