@@ -1,7 +1,11 @@
 """Configuration of the NSA causal language model: a Llama-style decoder whose attention is Native Sparse Attention."""
 
+import os
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
+
+from .hub_export import AUTO_MAP, write_remote_code
 
 COMPRESS_FUNCTIONS = ("mlp", "mean")
 
@@ -42,6 +46,20 @@ class NSAConfig(LlamaConfig):
     window_size: int = 512
     shared_kv: bool = True
     use_qk_norm: bool = False
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """
+        Save config.json and, beside it, the NSA code as flat files with an `auto_map`, so the folder (or the Hub repo
+        it is pushed to) loads with `trust_remote_code=True` where nsa-hf is not installed (see `hub_export.py`).
+        A model's `save_pretrained` / `push_to_hub` save their config through here.
+        """
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
+        super().save_pretrained(save_directory, **kwargs)
+        write_remote_code(save_directory)
+        if push_to_hub:  # the parent's own upload would start before the code files exist: upload everything here
+            repo_id = kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
+            self.push_to_hub(repo_id, **hub)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -1,0 +1,117 @@
+"""
+Saved folders carry the NSA code as flat files plus an `auto_map`, so they load with `trust_remote_code=True` where
+nsa-hf is not installed (the Hub use case). The loading side runs in subprocesses: one where `import nsa_hf` fails,
+one where it works, each with its own transformers module cache.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import torch
+from _tiny import DIMS, NSA_SIZES
+
+from nsa_hf import NSAConfig, NSAForCausalLM
+from nsa_hf.hub_export import AUTO_MAP
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, os, sys
+
+    folder, resave, block = sys.argv[1], sys.argv[2], sys.argv[3] == "block"
+    if block:
+        class NoNsaHf(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "nsa_hf" or name.startswith("nsa_hf."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, NoNsaHf())
+    else:
+        import nsa_hf  # registers the model type `nsa_hf` locally; remote code must still win
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    if block:
+        assert not [m for m in sys.modules if m.startswith("nsa_hf")], "nsa_hf was imported"
+    print("model_module", type(model).__module__)
+    expected = torch.load(os.path.join(folder, "expected.pt"))
+    with torch.no_grad():
+        logits = model(expected["ids"]).logits
+        generated = model.generate(expected["ids"], max_new_tokens=4, do_sample=False)
+    print("max_diff", (logits - expected["logits"]).abs().max().item())
+    print("same_generation", torch.equal(generated, expected["generated"]))
+    print("config_class", type(config).__name__, config.model_type)
+    model.save_pretrained(resave)
+    """
+)
+
+
+def _save_with_expected(folder):
+    torch.manual_seed(0)
+    model = NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES)).eval()
+    ids = torch.randint(0, DIMS["vocab_size"], (1, 37))
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        expected = {
+            "ids": ids,
+            "logits": model(ids).logits,
+            "generated": model.generate(ids, max_new_tokens=4, do_sample=False),
+        }
+    torch.save(expected, os.path.join(folder, "expected.pt"))
+    return expected
+
+
+def _load_in_subprocess(tmp_path, folder, resave, block):
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / f"modules_{block}"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(resave), block], capture_output=True, text=True, env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    return values
+
+
+def test_saved_folder_holds_flat_code_and_auto_map(tmp_path):
+    _save_with_expected(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    for name in ("configuration_nsa.py", "modeling_nsa.py", "cache_nsa.py", "nsa_kernels.py", "selected.py"):
+        assert (tmp_path / name).is_file(), name
+    for path in tmp_path.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*from \.\.", text, re.M), f"{path.name} imports from a parent package"
+        assert not re.search(r"^\s*(from|import) nsa_hf\b", text, re.M), f"{path.name} imports nsa_hf"
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_loads_with_trust_remote_code_where_nsa_hf_is_not_installed(tmp_path):
+    folder, resaved = tmp_path / "model", tmp_path / "resaved"
+    _save_with_expected(folder)
+    values = _load_in_subprocess(tmp_path, folder, resaved, "block")
+    assert float(values["max_diff"]) == 0.0
+    assert values["same_generation"] == "True"
+    assert values["config_class"] == "NSAConfig nsa_hf"
+    assert values["model_module"].startswith("transformers_modules.")
+    # a model loaded as remote code saves a folder that loads the same way again
+    assert json.loads((resaved / "config.json").read_text())["auto_map"] == AUTO_MAP
+    assert (resaved / "modeling_nsa.py").read_text() == (folder / "modeling_nsa.py").read_text()
+    (resaved / "expected.pt").write_bytes((folder / "expected.pt").read_bytes())
+    again = _load_in_subprocess(tmp_path, resaved, tmp_path / "resaved_again", "block")
+    assert float(again["max_diff"]) == 0.0 and again["same_generation"] == "True"
+
+
+def test_trust_remote_code_with_nsa_hf_imported_uses_the_installed_classes(tmp_path):
+    folder = tmp_path / "model"
+    _save_with_expected(folder)
+    values = _load_in_subprocess(tmp_path, folder, tmp_path / "resaved", "allow")
+    assert values["model_module"].startswith("nsa_hf.")
+    assert float(values["max_diff"]) == 0.0 and values["same_generation"] == "True"
