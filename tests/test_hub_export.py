@@ -115,3 +115,34 @@ def test_trust_remote_code_with_nsa_hf_imported_uses_the_installed_classes(tmp_p
     values = _load_in_subprocess(tmp_path, folder, tmp_path / "resaved", "allow")
     assert values["model_module"].startswith("nsa_hf.")
     assert float(values["max_diff"]) == 0.0 and values["same_generation"] == "True"
+
+
+class _FakeHub:
+    """Stands in for huggingface_hub.HfApi in transformers' upload path: records what would be uploaded."""
+
+    def __init__(self):
+        self.uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            self.uploaded[op.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else source
+        return "commit"
+
+
+def test_push_to_hub_uploads_the_code(monkeypatch):
+    import transformers.utils.hub as hub
+
+    fake = _FakeHub()
+    monkeypatch.setattr(hub, "hf_api", lambda: fake)
+    # the model card is fetched from the Hub first (no network here): a blank card instead
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: hub.ModelCard(""))
+    torch.manual_seed(0)
+    model = NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES))
+    model.push_to_hub("someone/tiny-nsa")
+    for name in ("config.json", "model.safetensors", "configuration_nsa.py", "modeling_nsa.py", "nsa_kernels.py"):
+        assert name in fake.uploaded, f"{name} not uploaded: {sorted(fake.uploaded)}"
+    assert json.loads(fake.uploaded["config.json"])["auto_map"] == AUTO_MAP
