@@ -1,4 +1,7 @@
-"""Command line: `nsa-hf demo` trains a small NSA model on built-in text and generates from it (no downloads)."""
+"""
+Command line. `nsa-hf demo` trains a small NSA model on built-in text and generates from it (no downloads);
+`nsa-hf convert SRC OUT` turns a dense Llama-style checkpoint into an NSA one.
+"""
 
 import argparse
 import math
@@ -73,6 +76,25 @@ def demo(args) -> None:
         raise SystemExit("the loss did not fall")
 
 
+CONVERT_FIELDS = {
+    "compress_block_size": int, "compress_stride": int, "compress_function": str, "select_block_size": int,
+    "num_selected_blocks": int, "window_size": int, "shared_kv": lambda x: x.lower() in ("1", "true", "yes"),
+}
+
+
+def convert(args) -> None:
+    from nsa_hf.conversion import convert_checkpoint
+
+    fields = {name: getattr(args, name) for name in CONVERT_FIELDS if getattr(args, name) is not None}
+    model = convert_checkpoint(args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite, **fields)
+    c = model.config
+    print(
+        f"wrote {args.output_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{c.num_hidden_layers} layers, {c.num_attention_heads}q/{c.num_key_value_heads}kv heads; NSA l={c.compress_block_size} "
+        f"d={c.compress_stride} l'={c.select_block_size} n={c.num_selected_blocks} w={c.window_size}"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="nsa-hf", description="Native Sparse Attention for Hugging Face Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +108,16 @@ def main(argv=None) -> None:
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU is present")
     p.add_argument("--save", default=None, help="folder to save the trained model to")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("convert", help="convert a dense Llama / Mistral / Qwen2 / Qwen3 checkpoint into an NSA one")
+    p.add_argument("source", help="local folder or Hub id of the dense checkpoint (only read)")
+    p.add_argument("output_dir", help="folder for the NSA checkpoint (written in one move at the end)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    for field, kind in CONVERT_FIELDS.items():
+        p.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None,
+                       help="NSAConfig field (default: the paper's value)")
+    p.set_defaults(func=convert)
     args = parser.parse_args(argv)
     args.func(args)
 
