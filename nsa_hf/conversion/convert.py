@@ -125,8 +125,10 @@ def convert_checkpoint(
             AutoTokenizer.from_pretrained(source).save_pretrained(staging)
         except (OSError, ValueError, TypeError) as err:  # a bare weights folder (no tokenizer files)
             logger.info(f"no tokenizer copied from {source}: {err}")
-        if output_dir.exists():
+        if output_dir.is_dir():
             shutil.rmtree(output_dir)
+        elif output_dir.exists():
+            output_dir.unlink()
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -167,8 +167,8 @@ class NSAAttentionFunction(torch.autograd.Function):
         l, d, lp, w, scale, shared_win = ctx.settings
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
-        # No side stream here: on an H100 at 64k it made the backward 6 ms slower (the window's dK/dV and the
-        # selection's tiled dQ compete for the same L2), while the forward gains about 1 ms.
+        # No side stream here: on an H100 (paper layout, 64k) the overlapped backward measured 6 ms slower, while the
+        # overlapped forward gains about 1 ms (benchmarks/results/logs/bench_side_stream_h100.log).
         dq_win, dk_win, dv_win = window_attention_bwd(
             do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
         )
