@@ -1,6 +1,7 @@
 """
-Selected-attention strategy sweep on real selections (bf16, CUDA): forward ms per query-tile height `block_m`, and
-backward ms with dQ fused into the dK/dV pass (atomics) or in its own tiled pass per `block_m`.
+Selected-attention strategy sweep on real selections (bf16, CUDA): forward ms per query-tile height `block_m` and
+for the key-centric `fwd_mode="by_block"`, and backward ms with dQ fused into the dK/dV pass (atomics) or in its own
+tiled pass per `block_m`.
 
     python benchmarks/sweep_selected.py paper,llama3-8b 8192,65536 [fwd]   # fwd: forward only
 """
@@ -35,6 +36,8 @@ for layout in sys.argv[1].split(","):
         _, lse = compressed_attention_fwd(q, kc, kc, l, d)
         idx = select_blocks(q, kc, lse, l, d, lp, n)
         o, lse_s = selected_attention_fwd(q, k, v, idx, lp)
+        by_block = ms(lambda: selected_attention_fwd(q, k, v, idx, lp, fwd_mode="by_block"))
+        print(f"{layout:<10} T={T:6d} fwd by_block: {by_block:7.2f} ms", flush=True)
         if not forward_only:
             fused = ms(lambda: selected_attention_bwd(do, q, k, v, o, lse_s, idx, lp, dq_mode="fused"))
             print(f"{layout:<10} T={T:6d} bwd dq fused: {fused:7.2f} ms", flush=True)

@@ -409,6 +409,20 @@ def test_gpu_long_context_bf16(HQ, HKV):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("HQ,HKV", [(64, 4), (32, 8), (14, 2)])
+def test_gpu_forward_by_block_bf16(HQ, HKV):
+    gen = torch.Generator().manual_seed(HQ + 5)
+    T = 4096
+    q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
+    idx = reference_selection(q, k, 32, 16, 64, 16)
+    o, lse = selected_attention_fwd(q, k, v, idx, 64, fwd_mode="by_block")
+    o_tiled, lse_tiled = selected_attention_fwd(q, k, v, idx, 64)
+    ref = reference_grads_chunked(q, k, v, idx, 64, torch.zeros_like(o), 1024)[0]
+    assert rel_err(o, ref) < 1e-2
+    torch.testing.assert_close(lse, lse_tiled, atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("G", [1, 2, 7])
 def test_gpu_small_groups_bf16(G):
     gen = torch.Generator().manual_seed(G)
@@ -466,3 +480,40 @@ def test_gpu_float16_and_lse():
     _, lse = selected_attention_fwd(q, k, v, idx, 64)
     ref = reference_lse(q[:, -64:].cpu(), k.cpu(), idx[:, -64:].cpu(), 64, 64 ** -0.5)
     assert rel_err(lse[:, -64:].cpu(), ref) < 1e-3
+
+
+# (B, Tq, Tk, HQ, HKV, DK, DV, l', n): G = 1 / 3 / 4 / 16, decoding-like Tq < Tk, l' above the 64-key tile
+BY_BLOCK_CASES = [
+    (1, 45, 45, 2, 2, 16, 16, 16, 3),
+    (2, 37, 37, 6, 2, 16, 32, 8, 4),
+    (1, 30, 70, 4, 1, 32, 16, 16, 3),
+    (1, 40, 40, 16, 1, 16, 16, 16, 2),
+    (1, 150, 150, 2, 1, 16, 16, 128, 2),
+]
+
+
+@pytest.mark.parametrize("B,Tq,Tk,HQ,HKV,DK,DV,lp,n", BY_BLOCK_CASES)
+def test_forward_by_block_matches_reference(B, Tq, Tk, HQ, HKV, DK, DV, lp, n):
+    """The key-centric forward (log-sum-exp pass, then P V with atomics) gives the reference output and lse."""
+    gen = torch.Generator().manual_seed(Tq + HQ)
+    q, k, v = make_qkv(B, Tq, Tk, HQ, HKV, DK, DV, gen)
+    idx = random_indices(B, Tq, Tk, HKV, n, lp, gen)  # includes rows with no block at all
+    idx[0, -1, 0, :2] = idx[0, -1, 0, :1]  # a repeated block counts once
+    o, lse = selected_attention_fwd(q, k, v, idx, lp, fwd_mode="by_block")
+    torch.testing.assert_close(o, selected_attention_ref(q, k, v, idx, lp), atol=ATOL, rtol=RTOL)
+    scale = DK ** -0.5
+    torch.testing.assert_close(lse, reference_lse(q, k, idx, lp, scale), atol=ATOL, rtol=RTOL)
+
+
+def test_forward_by_block_varlen():
+    gen = torch.Generator().manual_seed(31)
+    lengths = [50, 7, 81]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = make_qkv(1, sum(lengths), sum(lengths), 8, 2, 16, 16, gen)
+    idx = reference_selection_varlen(q, k, cu, cu, 8, 4, 16, 3)
+    o, lse = selected_attention_fwd(q, k, v, idx, 16, cu_seqlens_q=cu, cu_seqlens_k=cu, fwd_mode="by_block")
+    o_ref, lse_ref = selected_attention_fwd(q, k, v, idx, 16, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, lse_ref, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="fwd_mode"):
+        selected_attention_fwd(q, k, v, idx, 16, fwd_mode="rows")

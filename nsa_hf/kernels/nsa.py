@@ -148,7 +148,9 @@ class NSAAttentionFunction(torch.autograd.Function):
         block_indices = select_blocks(
             q, k_cmp, lse_cmp, l, d, lp, n, num_initial, num_local, scale=scale, num_keys=k.shape[1], **varlen
         )
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, lp, scale=scale, **varlen)
+        o_slc, lse_slc = selected_attention_fwd(
+            q, k, v, block_indices, lp, scale=scale, fwd_mode=os.environ.get("NSA_HF_SELECTED_FWD", "tiled"), **varlen
+        )
         _join(side, o_win, lse_win)
         gates = gates.contiguous()
         out = gate_combine_fwd(o_cmp, o_slc, o_win, gates)

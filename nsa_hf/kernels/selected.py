@@ -188,6 +188,14 @@ def _prune(configs, named_args, **kwargs):
 _PRUNE = {"early_config_prune": _prune}
 
 
+def _dkdv_configs_fwd():
+    """Rows per step of the key-centric forward (it holds no dK/dV accumulators, so 64 rows fit at 4 warps)."""
+    if _INTERPRET:
+        return [triton.Config({"BM": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm}, num_warps=w, num_stages=s) for bm, w, s in
+            ((64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2))]
+
+
 def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
@@ -276,6 +284,104 @@ def _fwd_kernel(
     tl.store(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(LSE + qrow * HQ + head, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward over the reverse index (key-centric): each KV block meets the queries that chose it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_dkdv_configs_fwd(), key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=_PRUNE,
+                 reset_to_zero=["OACC"])
+@triton.jit
+def _fwd_by_block_kernel(
+    Q, K, V, LSE_E, LSE, OACC, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    TQ, TK, NSB, NBUCKETS, SEG, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PASS: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """
+    One program: KV head h, block j, one segment of the queries that chose j (rows = entries x heads-in-group).
+    PASS 0: the log2-sum-exp of each row over the block's visible keys, stored per (entry, head) in LSE_E.
+    PASS 1: with the merged log-sum-exp of each row (LSE, natural log, [Nq, HQ]), P V of the block added into the
+    fp32 output accumulator OACC `[Nq, HQ, DV]` with atomics (each row gets one add per block it chose).
+    """
+    item = tl.program_id(0)
+    bucket = tl.load(ITEM_BUCKET + item)
+    if bucket >= NBUCKETS:
+        return
+    HQ: tl.constexpr = HKV * G
+    NSUB: tl.constexpr = (L + BN - 1) // BN
+    seg = tl.load(ITEM_SEG + item)
+    h = bucket // NSB
+    gblk = bucket % NSB
+    if VARLEN:
+        doc = tl.load(BLK_DOC + gblk)
+        j = gblk - tl.load(BLK_OFF + doc)
+    else:
+        nb = (TK + L - 1) // L
+        doc = gblk // nb
+        j = gblk % nb
+    bos_q, len_q, bos_k, len_k = _doc_bounds(doc, CU_Q, CU_K, TQ, TK, VARLEN)
+    lo = tl.load(BUCKET_OFF + bucket)
+    hi = tl.load(BUCKET_OFF + bucket + 1)
+    start = lo + seg * SEG
+    end = tl.minimum(start + SEG, hi)
+    d1 = tl.arange(0, BK1)
+    dv = tl.arange(0, BV)
+    r = tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    for r0 in range(_idx(start * G), _idx(end * G), BM):
+        rr = r0 + r
+        r_ok = rr < end * G
+        qrow = tl.load(POS + rr // G, mask=r_ok, other=0).to(tl.int64)
+        head = h * G + rr % G
+        t = (qrow - bos_q) + (len_k - len_q)
+        q1 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d1[None, :],
+                     mask=r_ok[:, None] & (d1[None, :] < DK), other=0.0)
+        if BK2 > 0:
+            d2 = BK1 + tl.arange(0, BK2)
+            q2 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d2[None, :],
+                         mask=r_ok[:, None] & (d2[None, :] < DK), other=0.0)
+        if PASS == 0:
+            m_i = tl.full([BM], float("-inf"), tl.float32)
+            l_i = tl.zeros([BM], tl.float32)
+        else:
+            lse = tl.load(LSE + qrow * HQ + head, mask=r_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            acc = tl.zeros([BM, BV], tl.float32)
+        for sub in range(NSUB):
+            c = sub * BN + cols
+            kpos = j * L + c
+            kv_ok = (c < L) & (kpos < len_k)
+            krow = (bos_k + kpos).to(tl.int64)
+            kt1 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d1[:, None],
+                          mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
+            s = tl.dot(q1, kt1, input_precision=PREC)
+            if BK2 > 0:
+                kt2 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d2[:, None],
+                              mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
+                s += tl.dot(q2, kt2, input_precision=PREC)
+            allowed = r_ok[:, None] & kv_ok[None, :] & (kpos[None, :] <= t[:, None])
+            if PASS == 0:
+                s = tl.where(allowed, s * scale_log2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+                m_i = m_new
+            else:
+                p = tl.where(allowed, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+                vb = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + dv[None, :],
+                             mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+                acc += tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+        if PASS == 0:
+            # every listed block holds a key the row sees (j * L <= t), so l_i > 0 for real rows
+            tl.store(LSE_E + rr, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=r_ok)
+        else:
+            tl.atomic_add(OACC + (qrow * HQ + head)[:, None] * DV + dv[None, :], acc,
+                          mask=r_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -704,17 +810,28 @@ def _check_tile(G: int, BM: int):
 
 def selected_attention_fwd(
     q, k, v, block_indices, select_block_size, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, block_m=None,
+    fwd_mode="tiled",
 ):
     """
     Forward of selected-block attention. Same arguments as `selected_attention` (`block_m`: rows per query tile,
     default by heuristic). Returns `(o [B, Tq, HQ, DV] in q's dtype, lse [B, Tq, HQ] float32)`, lse the natural-log
     log-sum-exp of the scaled scores (`-inf` for a query that sees no key; its output is zero).
+
+    `fwd_mode`: "tiled" walks the blocks of each query tile (the union of its positions' lists); "by_block" walks,
+    for each KV block, the queries that chose it (the backward's reverse index): a log-sum-exp pass, then P V added
+    into an fp32 output with atomics. "by_block" has no masked rows at any group size; it is tested against the
+    reference but not yet measured on a GPU, so it is not the default.
     """
+    if fwd_mode not in ("tiled", "by_block"):
+        raise ValueError(f"fwd_mode must be 'tiled' or 'by_block', got {fwd_mode!r}")
     pk = _Packed(q, k, v, block_indices, select_block_size, scale, cu_seqlens_q, cu_seqlens_k)
     o = torch.empty(pk.Nq, pk.HQ, pk.DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=q.device)
     if pk.Nq == 0:
         return pk.unpack_q(o), lse.reshape(pk.B, -1, pk.HQ)
+    if fwd_mode == "by_block":
+        o, lse = _fwd_by_block(pk)
+        return pk.unpack_q(o.to(q.dtype)), lse.reshape(pk.B, -1, pk.HQ)
     BM = block_m or _tile_rows(pk.G, pk.avg_keys())
     _check_tile(pk.G, BM)
     tiles = _Tiles(pk, BM)
@@ -728,6 +845,40 @@ def selected_attention_fwd(
         DECODE=pk.Nq * pk.G < DECODE_ROWS * pk.num_docs,
     )
     return pk.unpack_q(o), lse.reshape(pk.B, -1, pk.HQ)
+
+
+def _fwd_by_block(pk: _Packed):
+    """Key-centric forward: (fp32 output [Nq, HQ, DV], lse [Nq, HQ]); see `selected_attention_fwd`."""
+    dev = pk.q.device
+    oacc = torch.zeros(pk.Nq, pk.HQ, pk.DV, dtype=torch.float32, device=dev)
+    if pk.n == 0 or pk.Nk == 0:
+        return oacc, torch.full((pk.Nq, pk.HQ), float("-inf"), device=dev)
+    seg = max(1, _DKDV_SEGMENT_ROWS // pk.G)
+    rev = _reverse_index(pk, seg)
+    entries = pk.Nq * pk.HKV * pk.n
+    lse_entry = torch.empty(entries * pk.G, dtype=torch.float32, device=dev)  # log2 units, per (sorted entry, head)
+    lse = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=dev)
+
+    def launch(pass_):
+        _fwd_by_block_kernel[(rev["num_items"],)](
+            pk.q, pk.k, pk.v, lse_entry, lse, oacc, pk.cu_q, pk.cu_k,
+            rev["item_bucket"], rev["item_seg"], rev["bucket_off"], rev["blk_doc"], rev["blk_off"], rev["pos"],
+            pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
+            pk.TQ, pk.TK, rev["nsb"], rev["nbuckets"], seg, pk.scale * _LOG2E,
+            HKV=pk.HKV, G=pk.G, L=pk.L, DK=pk.DK, DV=pk.DV, BK1=pk.BK1, BK2=pk.BK2, BV=pk.BV,
+            BN=_key_tile(pk.L), PASS=pass_, VARLEN=pk.varlen, PREC=pk.prec,
+        )
+
+    launch(0)
+    # back from sorted entries to (query, KV head, slot), then the log-sum-exp over each query's blocks
+    order = rev["order"]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(entries, device=dev, dtype=order.dtype)
+    per_slot = lse_entry.view(entries, pk.G)[rank].view(pk.Nq, pk.HKV, pk.n, pk.G)
+    per_slot = per_slot.masked_fill(~rev["valid"].view(pk.Nq, pk.HKV, pk.n, 1), float("-inf"))
+    lse.copy_(torch.logsumexp(per_slot * 0.6931471805599453, dim=2).reshape(pk.Nq, pk.HQ))
+    launch(1)
+    return oacc, lse
 
 
 def _reverse_index(pk: _Packed, seg: int):
@@ -781,7 +932,8 @@ def _reverse_index(pk: _Packed, seg: int):
     item_seg = (ids - (item_cum[b] - nseg[b])).clamp_min(0).to(torch.int32)
     return dict(
         item_bucket=item_bucket.to(torch.int32), item_seg=item_seg, bucket_off=bucket_off, blk_doc=blk_doc,
-        blk_off=blk_off32, pos=pos, nsb=nsb, nbuckets=nbuckets, num_items=num_items,
+        blk_off=blk_off32, pos=pos, nsb=nsb, nbuckets=nbuckets, num_items=num_items, order=order,
+        valid=valid.flatten(),
     )
 
 
