@@ -86,7 +86,9 @@ def convert(args) -> None:
     from nsa_hf.conversion import convert_checkpoint
 
     fields = {name: getattr(args, name) for name in CONVERT_FIELDS if getattr(args, name) is not None}
-    model = convert_checkpoint(args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite, **fields)
+    model = convert_checkpoint(
+        args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify, **fields
+    )
     c = model.config
     print(
         f"wrote {args.output_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -114,6 +116,8 @@ def main(argv=None) -> None:
     p.add_argument("output_dir", help="folder for the NSA checkpoint (written in one move at the end)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    p.add_argument("--verify", action="store_true",
+                   help="check before writing that dense-mode logits equal the source's (loads the source twice)")
     for field, kind in CONVERT_FIELDS.items():
         p.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None,
                        help="NSAConfig field (default: the paper's value)")

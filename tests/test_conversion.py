@@ -92,7 +92,7 @@ def test_cli_convert(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     make_source(src, "llama")
     cli_main(["convert", str(src), str(out), "--window-size", "16", "--compress-block-size", "8", "--compress-stride",
-              "4", "--select-block-size", "16", "--num-selected-blocks", "4", "--dtype", "float32"])
+              "4", "--select-block-size", "16", "--num-selected-blocks", "4", "--dtype", "float32", "--verify"])
     assert "wrote" in capsys.readouterr().out
     config = AutoModelForCausalLM.from_pretrained(out).config
     assert (config.window_size, config.compress_block_size, config.num_selected_blocks) == (16, 8, 4)
@@ -152,3 +152,21 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(src)
     convert_checkpoint(src, out, **NSA_SIZES)
     assert AutoTokenizer.from_pretrained(out)("sparse attention")["input_ids"] == [2, 3]
+
+
+def test_verify_catches_a_wrong_conversion_before_writing(tmp_path, monkeypatch):
+    import nsa_hf.conversion.convert as convert_mod
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_source(src, "mistral")
+    original = convert_mod._init_nsa_only
+
+    def init_and_break(model, config, zero_o_bias):
+        original(model, config, zero_o_bias)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.v_proj.weight.mul_(1.001)
+
+    monkeypatch.setattr(convert_mod, "_init_nsa_only", init_and_break)
+    with pytest.raises(RuntimeError, match="differs from .* in dense mode"):
+        convert_checkpoint(src, out, verify=True, **NSA_SIZES)
+    assert not out.exists()

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..configuration_nsa import NSAConfig
@@ -77,6 +77,7 @@ def convert_checkpoint(
     *,
     dtype: str | torch.dtype = "auto",
     overwrite: bool = False,
+    verify: bool = False,
     **nsa_fields,
 ) -> NSAForCausalLM:
     """
@@ -84,7 +85,9 @@ def convert_checkpoint(
     (weights, config with the NSA fields, generation config, tokenizer when the source has one, the flat code for
     `trust_remote_code`). The source is only read. The output is written into a temporary folder beside
     `output_dir` and moved into place at the end, so a failed conversion leaves no partial checkpoint; an existing
-    non-empty `output_dir` is refused unless `overwrite`. Returns the converted model.
+    non-empty `output_dir` is refused unless `overwrite`. `verify`: before anything is written, run the source and
+    the converted model in dense mode on one random batch and raise unless their logits are identical (loads the
+    source model a second time). Returns the converted model.
     """
     output_dir = Path(output_dir).resolve()
     if Path(source).exists() and Path(source).resolve() == output_dir:
@@ -116,6 +119,8 @@ def convert_checkpoint(
     if ignored:
         raise ValueError(f"{source} has weights NSA has no place for: {ignored[:5]}")
     _init_nsa_only(model, config, zero_o_bias=any(k.endswith(_ZERO_BIAS) for k in info["missing_keys"]))
+    if verify:
+        _verify_dense_equal(source, model, dtype)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
@@ -134,6 +139,23 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return model
+
+
+@torch.no_grad()
+def _verify_dense_equal(source, model: NSAForCausalLM, dtype, seq_len: int = 64):
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        was_training = model.training
+        diff = (model.eval()(ids).logits.float() - dense(ids).logits.float()).abs().max().item()
+        model.train(was_training)
+    finally:
+        model.set_attn_implementation(previous)
+    if diff != 0.0:
+        raise RuntimeError(f"converted model differs from {source} in dense mode: max |logit difference| = {diff:.3g}")
+    logger.info(f"verified: dense-mode logits equal those of {source} on a {seq_len}-token batch")
 
 
 def _nsa_only(name: str, config: NSAConfig) -> bool:

@@ -188,7 +188,7 @@ def _prune(configs, named_args, **kwargs):
 _PRUNE = {"early_config_prune": _prune}
 
 
-def _dkdv_configs_fwd():
+def _by_block_configs():
     """Rows per step of the key-centric forward (it holds no dK/dV accumulators, so 64 rows fit at 4 warps)."""
     if _INTERPRET:
         return [triton.Config({"BM": 32}, num_warps=4, num_stages=1)]
@@ -291,7 +291,7 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_dkdv_configs_fwd(), key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=_PRUNE,
+@triton.autotune(configs=_by_block_configs(), key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=_PRUNE,
                  reset_to_zero=["OACC"])
 @triton.jit
 def _fwd_by_block_kernel(
