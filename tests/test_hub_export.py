@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import torch
 from _tiny import DIMS, NSA_SIZES
 
@@ -133,16 +135,27 @@ class _FakeHub:
         return "commit"
 
 
-def test_push_to_hub_uploads_the_code(monkeypatch):
+@pytest.fixture
+def fake_hub(monkeypatch):
     import transformers.utils.hub as hub
 
     fake = _FakeHub()
     monkeypatch.setattr(hub, "hf_api", lambda: fake)
     # the model card is fetched from the Hub first (no network here): a blank card instead
     monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: hub.ModelCard(""))
+    return fake
+
+
+def test_push_to_hub_uploads_the_code(fake_hub):
     torch.manual_seed(0)
     model = NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES))
     model.push_to_hub("someone/tiny-nsa")
     for name in ("config.json", "model.safetensors", "configuration_nsa.py", "modeling_nsa.py", "nsa_kernels.py"):
-        assert name in fake.uploaded, f"{name} not uploaded: {sorted(fake.uploaded)}"
-    assert json.loads(fake.uploaded["config.json"])["auto_map"] == AUTO_MAP
+        assert name in fake_hub.uploaded, f"{name} not uploaded: {sorted(fake_hub.uploaded)}"
+    assert json.loads(fake_hub.uploaded["config.json"])["auto_map"] == AUTO_MAP
+
+
+def test_config_save_pretrained_with_push_uploads_the_code(tmp_path, fake_hub):
+    NSAConfig(**DIMS, **NSA_SIZES).save_pretrained(tmp_path, push_to_hub=True, repo_id="someone/tiny-nsa-config")
+    assert json.loads(fake_hub.uploaded["config.json"])["auto_map"] == AUTO_MAP
+    assert "configuration_nsa.py" in fake_hub.uploaded and "modeling_nsa.py" in fake_hub.uploaded
