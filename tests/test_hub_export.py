@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-
 import torch
 from _tiny import DIMS, NSA_SIZES
 
