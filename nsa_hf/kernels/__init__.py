@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .reference import check_query_key_lengths, nsa_attention_ref
+from .reference import check_query_key_lengths, nsa_attention_ref, nsa_decode_ref
 from .utils import compressed_cu_seqlens, num_compressed_blocks, unfold_compression_blocks
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around Triton 3.6 interpreter bugs
@@ -105,4 +105,130 @@ def nsa_attention(
     return nsa_attention_ref(q, k, v, k_cmp, v_cmp, gates, **kwargs)
 
 
-__all__ = ["nsa_attention", "compressed_cu_seqlens", "num_compressed_blocks", "unfold_compression_blocks"]
+def _decode_unsupported_reason(q, k, v, select_block_size, compress_stride) -> str | None:
+    reason = _triton_unsupported_reason(q, k, v)
+    if reason is not None:
+        return reason
+    from .decode import MAX_QUERIES
+
+    ratio = select_block_size // compress_stride
+    if q.shape[1] > MAX_QUERIES:
+        return f"{q.shape[1]} queries per row (the decode kernels take at most {MAX_QUERIES})"
+    if ratio & (ratio - 1):
+        return f"select_block_size / compress_stride = {ratio} (the decode kernels need a power of two)"
+    if q.shape[2] // k.shape[2] > 128:
+        return f"{q.shape[2] // k.shape[2]} query heads per key/value head (the decode kernels take at most 128)"
+    return None
+
+
+@torch.library.custom_op("nsa_hf::nsa_decode", mutates_args=())
+def _nsa_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+    gates: torch.Tensor, query_positions: torch.Tensor, k_win: torch.Tensor | None, v_win: torch.Tensor | None,
+    compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
+    window_size: int, num_initial_blocks: int, num_local_blocks: int, scale: float,
+) -> torch.Tensor:
+    """The Triton decode path as one opaque op for torch.compile (Dynamo and CUDA graphs see a single node)."""
+    from .decode import nsa_decode_triton
+
+    return nsa_decode_triton(
+        q, k, v, k_cmp, v_cmp, gates, query_positions, compress_block_size=compress_block_size,
+        compress_stride=compress_stride, select_block_size=select_block_size,
+        num_selected_blocks=num_selected_blocks, window_size=window_size, num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks, scale=scale, k_win=k_win, v_win=v_win,
+    )
+
+
+@_nsa_decode_op.register_fake
+def _(q, k, v, k_cmp, v_cmp, gates, query_positions, k_win, v_win, *settings):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+def nsa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    gates: torch.Tensor,
+    query_positions: torch.Tensor,
+    *,
+    compress_block_size: int,
+    compress_stride: int,
+    select_block_size: int,
+    num_selected_blocks: int,
+    window_size: int,
+    num_initial_blocks: int = 1,
+    num_local_blocks: int = 2,
+    scale: float | None = None,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """
+    Native Sparse Attention of a few new queries per row against a key/value cache (decoding; also chunked prefill
+    and speculative decoding), every row at its own length. Runs under CUDA-graph capture and `torch.compile`: no
+    host sync, and nothing depends on the current lengths except through `query_positions`.
+
+    Args:
+        q: `[batch, q_len, num_heads, head_dim]`, `q_len` at most 16 for the Triton kernels (longer chunks: use
+            `nsa_attention` with packed documents, as the model does).
+        k, v: `[batch, capacity, num_kv_heads, head_dim / v_head_dim]` caches (strided views are fine as long as the
+            last dim is contiguous). Row b's tokens sit at positions `0 ..` of row b.
+        k_cmp, v_cmp: `[batch, cmp_capacity, num_kv_heads, dim]`, row b's compressed blocks from index 0; block i
+            (tokens `[i*compress_stride, i*compress_stride + compress_block_size)`) must be there for every query
+            that sees it.
+        gates: `[batch, q_len, num_heads, 3]` branch gates (cmp, slc, win).
+        query_positions: `[batch, q_len]` int32/int64, the position `t < capacity` of each query in its row (the
+            key at t is the query's own); `-1` marks a slot without a query, whose output is zero.
+        k_win, v_win: window-branch caches when K/V are not shared.
+        backend: `"auto"`, `"triton"` or `"reference"`, as in `nsa_attention`.
+
+    Returns:
+        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q`.
+    """
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
+    B, Tq = q.shape[:2]
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != B:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, dim] with one batch, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    if k_cmp.shape[0] != B or k_cmp.shape[2:] != k.shape[2:] or v_cmp.shape[:3] != k_cmp.shape[:3]:
+        raise ValueError(f"k_cmp / v_cmp must be [batch, blocks, {k.shape[2]}, dim], got {tuple(k_cmp.shape)} / "
+                         f"{tuple(v_cmp.shape)}")
+    if gates.shape != (*q.shape[:3], 3):
+        raise ValueError(f"gates must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
+    if query_positions.shape != (B, Tq) or query_positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"query_positions must be an int32/int64 tensor of shape {(B, Tq)}, got "
+                         f"{query_positions.dtype} {tuple(query_positions.shape)}")
+    if (k_win is None) != (v_win is None):
+        raise ValueError("pass both `k_win` and `v_win`, or neither")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    settings = dict(
+        compress_block_size=compress_block_size, compress_stride=compress_stride, select_block_size=select_block_size,
+        num_selected_blocks=num_selected_blocks, window_size=window_size, num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks, scale=scale,
+    )
+    if backend != "reference":
+        reason = _decode_unsupported_reason(q, k, v, select_block_size, compress_stride)
+        if reason is None:
+            gates = gates if gates.stride(-1) == 1 else gates.contiguous()
+            if torch.compiler.is_compiling():
+                return _nsa_decode_op(q, k, v, k_cmp, v_cmp, gates, query_positions, k_win, v_win,
+                                      *settings.values())
+            from .decode import nsa_decode_triton
+
+            return nsa_decode_triton(q, k, v, k_cmp, v_cmp, gates, query_positions, k_win=k_win, v_win=v_win,
+                                     **settings)
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
+        if q.is_cuda:
+            _warn_once(f"nsa_decode: falling back to the PyTorch reference because {reason}; it is much slower.")
+    return nsa_decode_ref(q, k, v, k_cmp, v_cmp, gates, query_positions, k_win=k_win, v_win=v_win, **settings)
+
+
+__all__ = [
+    "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "num_compressed_blocks", "unfold_compression_blocks",
+]

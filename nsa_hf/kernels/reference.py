@@ -307,3 +307,87 @@ def nsa_attention_ref(
     out = g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
     out = out.to(q.dtype)
     return (out, indices) if return_block_indices else out
+
+
+def nsa_decode_ref(
+    q, k, v, k_cmp, v_cmp, gates, query_positions, *, compress_block_size, compress_stride, select_block_size,
+    num_selected_blocks, window_size, num_initial_blocks=1, num_local_blocks=2, scale=None, k_win=None, v_win=None,
+    return_block_indices=False,
+):
+    """
+    NSA for a few queries per row at explicit positions of a key/value cache (decoding, chunked prefill, speculative
+    decoding), with every row at its own length. Equal to `nsa_attention_ref` of each query alone over the keys
+    `[0, t]` of its row; built from whole-tensor masks (no host sync, no loop over rows), so it traces under
+    `torch.compile` and CUDA graphs.
+
+    Args:
+        q: `[B, Tq, HQ, DK]`; gates `[B, Tq, HQ, 3]`.
+        k, v (and k_win, v_win): `[B, S, HKV, D]` caches; only the keys at or before each query's position are read.
+        k_cmp, v_cmp: `[B, Nc, HKV, D]`, row b's compressed blocks from index 0 (at least as many as the last query
+            of the row sees).
+        query_positions: `[B, Tq]` int, the position t of each query in its row; -1 marks a slot without a query
+            (its output is zero).
+    Returns:
+        `[B, Tq, HQ, DV]` in q's dtype; with `return_block_indices`, also the int32 `[B, Tq, HKV, n]` selection.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_win = k if k_win is None else k_win
+    v_win = v if v_win is None else v_win
+    l, d, lp = compress_block_size, compress_stride, select_block_size
+    B, Tq, HQ, _ = q.shape
+    S, HKV = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    Nc = k_cmp.shape[1]
+    NS = -(-S // lp)
+    t = query_positions.long()  # [B, Tq]
+    dev = q.device
+
+    def attention(keys, values, mask):
+        # _masked_attention wants one mask for every row of the batch: fold the batch into the heads
+        qf = q.permute(1, 0, 2, 3).reshape(Tq, 1, B * HQ, -1).transpose(0, 1)  # [1, Tq, B*HQ, D]
+        kf = keys.permute(1, 0, 2, 3).reshape(keys.shape[1], B * HKV, -1).unsqueeze(0)
+        vf = values.permute(1, 0, 2, 3).reshape(values.shape[1], B * HKV, -1).unsqueeze(0)
+        m = mask.expand(B, Tq, HKV, mask.shape[-1]).permute(0, 2, 1, 3).reshape(1, B * HKV, 1, Tq, -1)
+        out, lse = _masked_attention(qf, kf, vf, lambda rows: m[..., rows, :], scale)
+        out = out.reshape(Tq, B, HQ, -1).transpose(0, 1)
+        return out, lse.reshape(Tq, B, HQ).transpose(0, 1)
+
+    visible = (torch.arange(Nc, device=dev) * d + l - 1)[None, None, :] <= t[..., None]  # [B, Tq, Nc]
+    o_cmp, lse_cmp = attention(k_cmp, v_cmp, visible.unsqueeze(2))
+
+    with torch.no_grad():  # Eq. 8-11, in float64 as `selection_scores_ref` (exact ties go to the lower block)
+        qd = q.double().reshape(B, Tq, HKV, G, -1)
+        logits = torch.einsum("btkgd,bnkd->btkgn", qd, k_cmp.double()) * scale
+        probs = torch.exp(logits - lse_cmp.double().reshape(B, Tq, HKV, G, 1))
+        probs = torch.nan_to_num(probs.masked_fill(~visible[:, :, None, None, :], 0.0), nan=0.0).sum(3)
+        cmp_start = torch.arange(Nc, device=dev) * d
+        sel_start = torch.arange(NS, device=dev) * lp
+        overlap = (torch.minimum(cmp_start[:, None] + l, sel_start[None, :] + lp)
+                   - torch.maximum(cmp_start[:, None], sel_start[None, :])).clamp_min(0)
+        scores = (probs @ (overlap.double() / d)).float()  # [B, Tq, HKV, NS]
+        j = torch.arange(NS, device=dev)
+        current = (t // lp)[..., None]  # [B, Tq, 1]
+        eligible = (j <= current) & (t[..., None] >= 0)
+        fixed = eligible & ((j < num_initial_blocks) | (j > current - num_local_blocks))
+        ranked = scores.masked_fill(fixed[:, :, None, :], float("inf"))
+        ranked = ranked.masked_fill(~eligible[:, :, None, :], float("-inf"))
+        n = min(num_selected_blocks, NS)
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :n]
+        taken = torch.gather(eligible[:, :, None, :].expand(B, Tq, HKV, NS), -1, order)
+        indices = torch.where(taken, order, torch.full_like(order, -1))
+        if n < num_selected_blocks:
+            indices = torch.cat([indices, indices.new_full((B, Tq, HKV, num_selected_blocks - n), -1)], dim=-1)
+
+    s = torch.arange(S, device=dev)
+    chosen = torch.zeros(B, Tq, HKV, NS + 1, dtype=torch.bool, device=dev)
+    chosen.scatter_(-1, torch.where(indices < 0, NS, indices), True)
+    causal = s <= t[..., None]  # [B, Tq, S]
+    o_slc, _ = attention(k, v, chosen[..., :NS][..., s // lp] & causal.unsqueeze(2))
+    in_window = causal & (s > t[..., None] - window_size)
+    o_win, _ = attention(k_win, v_win, in_window.unsqueeze(2))
+
+    acc = _compute_dtype(q)
+    g = gates.to(acc)
+    out = g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
+    out = out.masked_fill((t < 0)[..., None, None], 0.0).to(q.dtype)
+    return (out, indices.to(torch.int32)) if return_block_indices else out
