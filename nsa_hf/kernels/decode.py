@@ -307,6 +307,8 @@ def _combine_kernel(
 
 
 _NUM_SMS: dict = {}
+_PROGRAMS_PER_SM = 2  # launch geometry and pipelining of the decode kernels (benchmarks/sweep_decode.py)
+_NUM_STAGES = 1
 
 
 def _num_sms(device: torch.device) -> int:
@@ -318,8 +320,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _grid_plan(num_rows: int, num_items: int, sms: int) -> tuple[int, int]:
-    """(programs per row, items per program) that give about two programs per multiprocessor."""
-    per_row = max(1, min(num_items, -(-2 * sms // max(num_rows, 1))))
+    """(programs per row, items per program) that give about `_PROGRAMS_PER_SM` programs per multiprocessor."""
+    per_row = max(1, min(num_items, -(-_PROGRAMS_PER_SM * sms // max(num_rows, 1))))
     per_program = -(-num_items // per_row)
     return -(-num_items // per_program), per_program
 
@@ -368,7 +370,7 @@ def nsa_decode_triton(
     idx = torch.empty(B, Tq, HKV, n, dtype=torch.int32, device=device)
     out = torch.empty(B, Tq, HQ, DV, dtype=q.dtype, device=device)
     qpos = query_positions.to(torch.int32).contiguous()
-    common = dict(HKV=HKV, G=G, GP=GP, num_warps=4, num_stages=1)
+    common = dict(HKV=HKV, G=G, GP=GP, num_warps=4, num_stages=_NUM_STAGES)
 
     _cmp_kernel[(num_splits, B * Tq, HKV)](
         q, k_cmp, v_cmp, qpos, m_split, l_split, acc_split, m_chunk, own, spill,

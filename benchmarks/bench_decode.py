@@ -1,0 +1,161 @@
+"""
+Decoding benchmark, side by side in one run on one GPU:
+
+- `kernel`: one attention decode step (`nsa_decode`: compressed + selected + window + gates, against a cache of
+  `cache_len` tokens per row) vs dense SDPA over the whole cache, both captured in CUDA graphs and, for reference,
+  eager. Several layers' caches are cycled so that the timing does not sit in L2 (a model reads a new layer's
+  cache at every step).
+- `model`: a 1.1B NSA model (hidden 2048, 16 layers, 32q/8kv, head dim 64) vs its dense twin (same weights,
+  attn_implementation="sdpa"): decode ms/token after a long prompt with `generate()`, static caches compiled by
+  generate (transformers' own path) and dynamic caches eager; tokens/s at batch 16.
+- `coldstart`: prefill seconds at prompt lengths never seen before, first call vs second call, and the number of
+  Triton compilations each first call triggered.
+
+    python benchmarks/bench_decode.py --parts kernel model coldstart
+
+Prints tables and writes benchmarks/results/decode_<gpu>.json (plot: benchmarks/plot_decode.py).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nsa_hf.kernels import nsa_decode, num_compressed_blocks  # noqa: E402
+
+PAPER = dict(compress_block_size=32, compress_stride=16, select_block_size=64, num_selected_blocks=16, window_size=512)
+LAYOUTS = {"paper": (64, 4, 128), "llama3-8b": (32, 8, 128)}  # (query heads, kv heads, head dim)
+L2_BYTES = 60 * 2**20
+
+
+def graph_ms(fn, reps=20):
+    """Median ms of one `fn()` replayed from a CUDA graph (captured after a warm-up on a side stream)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=reps * 10, return_mode="median")
+
+
+def eager_ms(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def kernel_cases(args):
+    rows = []
+    for layout in args.layouts:
+        HQ, HKV, D = LAYOUTS[layout]
+        for cache_len in args.cache_lens:
+            for batch in args.batches:
+                if args.isolate:  # one process per case: a clean CUDA context and allocator for each
+                    rows.append(isolated_case(layout, cache_len, batch))
+                else:
+                    rows.append(kernel_case(layout, HQ, HKV, D, cache_len, batch))
+                r = rows[-1]
+                if "error" in r:
+                    print(f"{layout:10s} T={cache_len:6d} B={batch:2d}  FAILED: {r['error']}", flush=True)
+                    continue
+                print(f"{layout:10s} T={cache_len:6d} B={batch:2d}  nsa {r['ours_ms']:.4f} ms (eager {r['ours_eager_ms']:.3f})"
+                      f"  dense {r['dense_ms']:.4f} ms (eager {r['dense_eager_ms']:.3f})  {r['speedup_vs_dense']:.2f}x",
+                      flush=True)
+    return rows
+
+
+def isolated_case(layout, cache_len, batch):
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "case.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--parts", "kernel", "--no-isolate", "--layouts", layout,
+               "--cache-lens", str(cache_len), "--batches", str(batch), "--out", out]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return dict(case="attention_decode_step", layout=layout, batch=batch, cache_len=cache_len,
+                        error=(done.stderr.strip().splitlines() or ["?"])[-1])
+        with open(out) as f:
+            return json.load(f)["results"][0]
+
+
+def kernel_case(layout, HQ, HKV, D, cache_len, batch, dtype=torch.bfloat16):
+    s = PAPER
+    ncmp = num_compressed_blocks(cache_len, s["compress_block_size"], s["compress_stride"])
+    raw_bytes = 2 * batch * cache_len * HKV * D * 2
+    layers = max(2, min(16, math.ceil(4 * L2_BYTES / raw_bytes)))
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+
+    caches = [dict(k=rnd(batch, cache_len, HKV, D), v=rnd(batch, cache_len, HKV, D),
+                   k_cmp=rnd(batch, ncmp, HKV, D), v_cmp=rnd(batch, ncmp, HKV, D)) for _ in range(layers)]
+    q = rnd(batch, 1, HQ, D)
+    gates = torch.rand(batch, 1, HQ, 3, device="cuda", dtype=dtype, generator=g)
+    pos = torch.full((batch, 1), cache_len - 1, dtype=torch.int32, device="cuda")
+
+    def ours():
+        for c in caches:
+            nsa_decode(q, c["k"], c["v"], c["k_cmp"], c["v_cmp"], gates, pos, **s)
+
+    # dense: SDPA's [batch, heads, seq, dim] layout, native GQA; views of the same caches
+    qd = q.transpose(1, 2)
+    dense_kv = [(c["k"].transpose(1, 2), c["v"].transpose(1, 2)) for c in caches]
+
+    def dense():
+        for k, v in dense_kv:
+            F.scaled_dot_product_attention(qd, k, v, enable_gqa=True)
+
+    ours_ms, dense_ms = graph_ms(ours) / layers, graph_ms(dense) / layers
+    ours_eager, dense_eager = eager_ms(ours) / layers, eager_ms(dense) / layers
+    bytes_dense = raw_bytes
+    bytes_nsa = 2 * batch * HKV * D * 2 * (ncmp + s["num_selected_blocks"] * s["select_block_size"] + s["window_size"])
+    del caches
+    torch.cuda.empty_cache()
+    return dict(case="attention_decode_step", layout=layout, batch=batch, cache_len=cache_len, heads=HQ,
+                kv_heads=HKV, head_dim=D, layers_cycled=layers, ours_ms=ours_ms, dense_ms=dense_ms,
+                speedup_vs_dense=dense_ms / ours_ms, ours_eager_ms=ours_eager, dense_eager_ms=dense_eager,
+                ours_bytes=bytes_nsa, dense_bytes=bytes_dense,
+                ours_tb_per_s=bytes_nsa / ours_ms / 1e9, dense_tb_per_s=bytes_dense / dense_ms / 1e9)
+
+
+def meta():
+    import transformers
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), dtype="bfloat16", nsa_settings=PAPER)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["kernel"], choices=["kernel", "model", "coldstart"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--cache-lens", nargs="+", type=int, default=[8192, 65536, 131072])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run every kernel case in this process (default: one process per case)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<gpu>.json)")
+    args = parser.parse_args()
+    results = []
+    if "kernel" in args.parts:
+        results += kernel_cases(args)
+    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"decode_{gpu}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta(), results=results), f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
