@@ -34,8 +34,8 @@ MAX_QUERIES = 16  # new queries per sequence the decode kernels take; longer chu
 # Integer arguments that change with the cache's capacity or the batch: never specialised, so that a new length
 # compiles nothing.
 _CMP_VARYING = ["stride_qb", "stride_cb", "stride_db", "num_chunks", "chunks_per_split", "num_splits"]
-_SELECT_VARYING = ["num_chunks", "num_splits"]
-_SPARSE_VARYING = ["stride_qb", "stride_kb", "stride_vb", "stride_wb", "stride_xb"]
+_SELECT_VARYING = ["num_chunks", "num_splits", "sel_chunks_per_program", "num_sel_programs"]
+_SPARSE_VARYING = ["stride_qb", "stride_kb", "stride_vb", "stride_wb", "stride_xb", "num_sel_programs"]
 _COMBINE_VARYING = ["stride_gb", "stride_ob", "num_splits"]
 
 
@@ -78,12 +78,10 @@ def _cmp_kernel(
     v_base = VC + b.to(tl.int64) * stride_db + h * stride_dh
 
     # Eq. 9 weights: compression block i = j*R + k overlaps selection block j by min(C, R-k) strides and block j+1
-    # by max(0, C-R+k); as [BN, NJ] matrices so that one dot turns P into the chunk's partials.
-    ci = tl.arange(0, BN)[:, None]
-    kk = ci - tl.arange(0, NJ)[None, :] * R
-    in_j = (kk >= 0) & (kk < R)
-    w_own = tl.where(in_j, tl.minimum(C, R - kk), 0).to(tl.float32)
-    w_spill = tl.where(in_j, tl.maximum(0, C - R + kk), 0).to(tl.float32)
+    # by max(0, C-R+k)
+    kr = tl.arange(0, R)
+    w_own = tl.minimum(C, R - kr).to(tl.float32)
+    w_spill = tl.maximum(0, C - R + kr).to(tl.float32)
     jn = tl.arange(0, NJ)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -96,6 +94,8 @@ def _cmp_kernel(
         vis = cols < n_vis
         k_ptr = k_base + cols.to(tl.int64)[None, :] * stride_ct
         kt1 = tl.load(k_ptr + d1[:, None], mask=vis[None, :] & (d1[:, None] < DK), other=0.0)
+        vb = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_dt + dv[None, :],
+                     mask=vis[:, None] & (dv[None, :] < DV), other=0.0)
         s = tl.dot(q1, kt1, input_precision=PREC)
         if BK2 > 0:
             kt2 = tl.load(k_ptr + d2[:, None], mask=vis[None, :] & (d2[:, None] < DK), other=0.0)
@@ -103,19 +103,22 @@ def _cmp_kernel(
         s = tl.where(vis[None, :], s * scale_log2, float("-inf"))
         m_c = tl.max(s, 1)  # finite: the chunk's first block is visible
         p = tl.exp2(s - m_c[:, None])
-        own = tl.dot(p, w_own, input_precision="ieee")
-        spill = tl.dot(p, w_spill, input_precision="ieee")
+        if R == 1:  # l' = d: every compression block is its own selection block's, and C = 1 spills nothing
+            own = p
+        else:
+            p3 = tl.reshape(p, [GP, NJ, R])
+            own = tl.sum(p3 * w_own[None, None, :], 2)
+            spill = tl.sum(p3 * w_spill[None, None, :], 2)
         tl.store(M_CHUNK + out_row * num_chunks + chunk, m_c, mask=row_ok)
         part = out_row[:, None] * (num_chunks * NJ) + chunk * NJ + jn[None, :]
         tl.store(OWN + part, own, mask=row_ok[:, None])
-        tl.store(SPILL + part, spill, mask=row_ok[:, None])
+        if R > 1:
+            tl.store(SPILL + part, spill, mask=row_ok[:, None])
 
         m_new = tl.maximum(m_i, m_c)
         alpha = tl.exp2(m_i - m_new)
         beta = tl.exp2(m_c - m_new)
         l_i = l_i * alpha + tl.sum(p, 1) * beta
-        vb = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_dt + dv[None, :],
-                     mask=vis[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot((p * beta[:, None]).to(vb.dtype), vb, input_precision=PREC)
         m_i = m_new
     at = out_row * num_splits + split
@@ -126,15 +129,17 @@ def _cmp_kernel(
 
 @triton.jit(do_not_specialize=_SELECT_VARYING)
 def _select_kernel(
-    QPOS, M_SPLIT, L_SPLIT, M_CHUNK, OWN, SPILL, LSE2, IDX,
-    num_chunks, num_splits,
+    QPOS, M_SPLIT, L_SPLIT, M_CHUNK, OWN, SPILL, CAND,
+    num_chunks, num_splits, sel_chunks_per_program, num_sel_programs,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr,
     CMP_LEN: tl.constexpr, STRIDE: tl.constexpr, SEL_LEN: tl.constexpr, R: tl.constexpr,
     BN: tl.constexpr, NJ: tl.constexpr,
-    N: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, BS: tl.constexpr,
+    NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, BS: tl.constexpr,
 ):
-    bt = tl.program_id(0)
-    h = tl.program_id(1)
+    """The best NP (score, block) keys among this program's selection blocks -> CAND (merged by _sparse_kernel)."""
+    part = tl.program_id(0)
+    bt = tl.program_id(1)
+    h = tl.program_id(2)
     t = tl.load(QPOS + bt)
     q_ok = t >= 0
     n_vis = tl.where(t + 1 >= CMP_LEN, (t + 1 - CMP_LEN) // STRIDE + 1, 0)
@@ -142,6 +147,7 @@ def _select_kernel(
     rows = tl.arange(0, GP)
     row_ok = rows < G
     out_row = (bt * HKV * G + h * G + rows).to(tl.int64)
+    # log-sum-exp of the compressed softmax, from the splits
     sp = tl.arange(0, SP)
     at = out_row[:, None] * num_splits + sp[None, :]
     ok = row_ok[:, None] & (sp[None, :] < num_splits)
@@ -149,14 +155,14 @@ def _select_kernel(
     m_max = tl.max(m, 1)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     total = tl.sum(tl.load(L_SPLIT + at, mask=ok, other=0.0) * tl.exp2(m - m_safe[:, None]), 1)
-    lse2 = m_safe + tl.log2(tl.where(total > 0, total, 1.0))
-    tl.store(LSE2 + out_row, tl.where(total > 0, lse2, float("-inf")), mask=row_ok)
-    lse2 = tl.where(total > 0, lse2, float("inf"))  # no visible block: every probability is 0
+    lse2 = tl.where(total > 0, m_safe + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))  # inf: p = 0
 
     t_vec = tl.zeros([1], tl.int32) + t
     ok_vec = t_vec >= 0
     run = tl.full([1, NP], -1, tl.int64)
-    for ci in range(0, tl.where(q_ok, tl.cdiv(t // SEL_LEN + 1, BS), 0)):
+    first = part * sel_chunks_per_program
+    last = tl.minimum(first + sel_chunks_per_program, tl.where(q_ok, tl.cdiv(t // SEL_LEN + 1, BS), 0))
+    for ci in range(first, last):
         j = ci * BS + tl.arange(0, BS)
         # own[j] was written by the chunk holding compression block j*R, spill[j-1] by the one holding (j-1)*R;
         # only chunks whose first block is visible were written
@@ -164,34 +170,48 @@ def _select_kernel(
         own_ok = row_ok[:, None] & (c_own * BN < n_vis)[None, :]
         f_own = tl.exp2(tl.load(M_CHUNK + out_row[:, None] * num_chunks + c_own[None, :], mask=own_ok,
                                 other=float("-inf")) - lse2[:, None])
-        own = tl.load(OWN + out_row[:, None] * (num_chunks * NJ) + j[None, :], mask=own_ok, other=0.0)
-        c_spill = (tl.maximum(j - 1, 0) * R) // BN
-        spill_ok = row_ok[:, None] & ((j >= 1) & (c_spill * BN < n_vis))[None, :]
-        f_spill = tl.exp2(tl.load(M_CHUNK + out_row[:, None] * num_chunks + c_spill[None, :], mask=spill_ok,
-                                  other=float("-inf")) - lse2[:, None])
-        spill = tl.load(SPILL + out_row[:, None] * (num_chunks * NJ) + (j - 1)[None, :], mask=spill_ok, other=0.0)
-        score = tl.sum(f_own * own + f_spill * spill, 0)  # Eq. 10: the group's heads summed
+        contrib = f_own * tl.load(OWN + out_row[:, None] * (num_chunks * NJ) + j[None, :], mask=own_ok, other=0.0)
+        if R > 1:
+            c_spill = (tl.maximum(j - 1, 0) * R) // BN
+            spill_ok = row_ok[:, None] & ((j >= 1) & (c_spill * BN < n_vis))[None, :]
+            f_spill = tl.exp2(tl.load(M_CHUNK + out_row[:, None] * num_chunks + c_spill[None, :], mask=spill_ok,
+                                      other=float("-inf")) - lse2[:, None])
+            contrib += f_spill * tl.load(SPILL + out_row[:, None] * (num_chunks * NJ) + (j - 1)[None, :],
+                                         mask=spill_ok, other=0.0)
+        score = tl.sum(contrib, 0)  # Eq. 10: the group's heads summed
         run = _merge_chunk(run, score[None, :], ci, t_vec, ok_vec, BS, NP, SEL_LEN, N_INIT, N_LOCAL)
-
     rank = tl.arange(0, NP)[None, :]
-    blocks = tl.where(run >= 0, (run & 0xFFFFFFFF) * -1 + KEY_MAX_LOW, -1).to(tl.int32)
-    tl.store(IDX + (bt * HKV + h) * N + rank, blocks, mask=rank < N)
+    tl.store(CAND + ((bt * HKV + h) * num_sel_programs + part).to(tl.int64) * NP + rank, run)
+
+
+@triton.jit
+def _selected_blocks(CAND, cand_row, num_sel_programs, CP: tl.constexpr, NP: tl.constexpr):
+    """The n best blocks of a (query, KV head) from its programs' candidates: `[NP]` int32, best first, -1 unused."""
+    c = tl.arange(0, CP)[:, None]
+    keys = tl.load(CAND + (cand_row * num_sel_programs + c) * NP + tl.arange(0, NP)[None, :],
+                   mask=c < num_sel_programs, other=-1)
+    keys = tl.reshape(keys, [CP * NP])
+    if CP == 1:
+        best = tl.sort(keys, descending=True)
+    else:
+        best = tl.topk(keys, NP)
+    return tl.where(best >= 0, (best & 0xFFFFFFFF) * -1 + KEY_MAX_LOW, -1).to(tl.int32)
 
 
 @triton.jit(do_not_specialize=_SPARSE_VARYING)
 def _sparse_kernel(
-    Q, K, V, KW, VW, QPOS, IDX, M_UNIT, L_UNIT, ACC_UNIT,
+    Q, K, V, KW, VW, QPOS, CAND, IDX, M_UNIT, L_UNIT, ACC_UNIT,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_wb, stride_wt, stride_wh,
     stride_xb, stride_xt, stride_xh,
-    scale_log2,
+    scale_log2, num_sel_programs,
     Q_LEN: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     SEL_LEN: tl.constexpr, N: tl.constexpr, WINDOW: tl.constexpr, NUM_WIN: tl.constexpr,
     PER_UNIT: tl.constexpr, SEL_UNITS: tl.constexpr, NUM_UNITS: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr,
+    NP: tl.constexpr, CP: tl.constexpr, PREC: tl.constexpr,
 ):
     """Unit u < SEL_UNITS: selected slots [u*PER_UNIT, ...) (blocks of SEL_LEN keys); else window chunks of BN keys."""
     unit = tl.program_id(0)
@@ -211,6 +231,13 @@ def _sparse_kernel(
         q2 = _load_rows(q_ptr, row_ok, d2, DK)
     dv = tl.arange(0, BV)
     is_sel = unit < SEL_UNITS
+    slots = tl.arange(0, NP)
+    if is_sel:
+        blocks = _selected_blocks(CAND, bt * HKV + h, num_sel_programs, CP, NP)
+        if unit == 0:
+            tl.store(IDX + (bt * HKV + h) * N + slots, blocks, mask=slots < N)
+    else:
+        blocks = tl.full([NP], -1, tl.int32)
     if is_sel:
         k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
@@ -232,7 +259,7 @@ def _sparse_kernel(
     acc = tl.zeros([GP, BV], tl.float32)
     for e in range(0, tl.where(t >= 0, count, 0) * tl.where(is_sel, SUB, 1)):
         if is_sel:
-            blk = tl.load(IDX + (bt * HKV + h) * N + first + e // SUB)
+            blk = tl.sum(tl.where(slots == first + e // SUB, blocks, 0))
             lo = blk * SEL_LEN + (e % SUB) * BN
             hi = tl.minimum(blk * SEL_LEN + SEL_LEN, t + 1)
             lo = tl.where(blk >= 0, lo, hi)  # an unused slot (-1) reads nothing
@@ -362,11 +389,15 @@ def nsa_decode_triton(
     sel_units, win_units = triton.cdiv(n, per_unit), triton.cdiv(num_win, per_unit)
     num_units = sel_units + win_units
 
+    BS = max(NP, 128)  # selection blocks per top-n merge
+    sel_programs, sel_chunks_per_program = _grid_plan(B * Tq * HKV, triton.cdiv(triton.cdiv(cap, lp), BS), sms)
+
     sizes = [rows * num_splits, rows * num_splits, rows * num_splits * DV, rows * num_chunks,
-             rows * num_chunks * NJ, rows * num_chunks * NJ, rows, rows * num_units, rows * num_units,
+             rows * num_chunks * NJ, rows * num_chunks * NJ if R > 1 else 0, rows * num_units, rows * num_units,
              rows * num_units * DV]
     work = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-    m_split, l_split, acc_split, m_chunk, own, spill, lse2, m_unit, l_unit, acc_unit = work.split(sizes)
+    m_split, l_split, acc_split, m_chunk, own, spill, m_unit, l_unit, acc_unit = work.split(sizes)
+    cand = torch.empty(B * Tq * HKV * sel_programs * NP, dtype=torch.int64, device=device)
     idx = torch.empty(B, Tq, HKV, n, dtype=torch.int32, device=device)
     out = torch.empty(B, Tq, HQ, DV, dtype=q.dtype, device=device)
     qpos = query_positions.to(torch.int32).contiguous()
@@ -380,18 +411,19 @@ def nsa_decode_triton(
         Q_LEN=Tq, DK=DK, BK1=BK1, BK2=BK2, DV=DV, BV=BV, CMP_LEN=l, STRIDE=d, R=R, C=C, BN=BN, NJ=NJ, PREC=prec,
         **common,
     )
-    _select_kernel[(B * Tq, HKV)](
-        qpos, m_split, l_split, m_chunk, own, spill, lse2, idx, num_chunks, num_splits,
-        SP=max(2, next_pow2(num_splits)), CMP_LEN=l, STRIDE=d, SEL_LEN=lp, R=R, BN=BN, NJ=NJ,
-        N=n, NP=NP, N_INIT=num_initial_blocks, N_LOCAL=num_local_blocks, BS=max(NP, 128), **common,
+    _select_kernel[(sel_programs, B * Tq, HKV)](
+        qpos, m_split, l_split, m_chunk, own, spill, cand, num_chunks, num_splits, sel_chunks_per_program,
+        sel_programs, SP=max(2, next_pow2(num_splits)), CMP_LEN=l, STRIDE=d, SEL_LEN=lp, R=R, BN=BN, NJ=NJ,
+        NP=NP, N_INIT=num_initial_blocks, N_LOCAL=num_local_blocks, BS=BS, **common,
     )
     _sparse_kernel[(num_units, B * Tq, HKV)](
-        q, k, v, k_win, v_win, qpos, idx, m_unit, l_unit, acc_unit,
+        q, k, v, k_win, v_win, qpos, cand, idx, m_unit, l_unit, acc_unit,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-        v_win.stride(0), v_win.stride(1), v_win.stride(2), scale * LOG2E,
+        v_win.stride(0), v_win.stride(1), v_win.stride(2), scale * LOG2E, sel_programs,
         Q_LEN=Tq, DK=DK, BK1=BK1, BK2=BK2, DV=DV, BV=BV, SEL_LEN=lp, N=n, WINDOW=w, NUM_WIN=num_win,
-        PER_UNIT=per_unit, SEL_UNITS=sel_units, NUM_UNITS=num_units, BN=BK, PREC=prec, **common,
+        PER_UNIT=per_unit, SEL_UNITS=sel_units, NUM_UNITS=num_units, BN=BK, NP=NP,
+        CP=max(1, next_pow2(sel_programs)), PREC=prec, **common,
     )
     _combine_kernel[(rows,)](
         qpos, gates, m_split, l_split, acc_split, m_unit, l_unit, acc_unit, out,
