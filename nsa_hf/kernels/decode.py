@@ -40,9 +40,21 @@ _COMBINE_VARYING = ["stride_gb", "stride_ob", "num_splits"]
 
 
 @triton.jit
-def _load_rows(ptr, rows_ok, cols, LIMIT: tl.constexpr):
+def _tile_mask(keep, dims, LIMIT: tl.constexpr, END: tl.constexpr):
+    """
+    `keep & (dims < LIMIT)` for a tile whose `dims` end at END. When END == LIMIT the dims test is left out: a mask
+    that varies along the contiguous dim stops Triton from using 16-byte vector loads.
+    """
+    if END == LIMIT:
+        return keep
+    else:
+        return keep & (dims < LIMIT)
+
+
+@triton.jit
+def _load_rows(ptr, rows_ok, cols, LIMIT: tl.constexpr, END: tl.constexpr):
     """A `[rows, cols]` tile whose columns past LIMIT are zero."""
-    return tl.load(ptr + cols[None, :], mask=rows_ok[:, None] & (cols[None, :] < LIMIT), other=0.0)
+    return tl.load(ptr + cols[None, :], mask=_tile_mask(rows_ok[:, None], cols[None, :], LIMIT, END), other=0.0)
 
 
 @triton.jit(do_not_specialize=_CMP_VARYING)
@@ -69,10 +81,10 @@ def _cmp_kernel(
     out_row = (bt * HKV * G + h * G + rows).to(tl.int64)  # row of the [batch * q_len * heads, ...] partials
     q_ptr = Q + b.to(tl.int64) * stride_qb + (bt % Q_LEN) * stride_qt + (h * G + rows)[:, None] * stride_qh
     d1 = tl.arange(0, BK1)
-    q1 = _load_rows(q_ptr, row_ok, d1, DK)
+    q1 = _load_rows(q_ptr, row_ok, d1, DK, BK1)
     if BK2 > 0:
         d2 = BK1 + tl.arange(0, BK2)
-        q2 = _load_rows(q_ptr, row_ok, d2, DK)
+        q2 = _load_rows(q_ptr, row_ok, d2, DK, BK1 + BK2)
     dv = tl.arange(0, BV)
     k_base = KC + b.to(tl.int64) * stride_cb + h * stride_ch
     v_base = VC + b.to(tl.int64) * stride_db + h * stride_dh
@@ -93,12 +105,12 @@ def _cmp_kernel(
         cols = chunk * BN + tl.arange(0, BN)
         vis = cols < n_vis
         k_ptr = k_base + cols.to(tl.int64)[None, :] * stride_ct
-        kt1 = tl.load(k_ptr + d1[:, None], mask=vis[None, :] & (d1[:, None] < DK), other=0.0)
+        kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(vis[None, :], d1[:, None], DK, BK1), other=0.0)
         vb = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_dt + dv[None, :],
-                     mask=vis[:, None] & (dv[None, :] < DV), other=0.0)
+                     mask=_tile_mask(vis[:, None], dv[None, :], DV, BV), other=0.0)
         s = tl.dot(q1, kt1, input_precision=PREC)
         if BK2 > 0:
-            kt2 = tl.load(k_ptr + d2[:, None], mask=vis[None, :] & (d2[:, None] < DK), other=0.0)
+            kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(vis[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
             s += tl.dot(q2, kt2, input_precision=PREC)
         s = tl.where(vis[None, :], s * scale_log2, float("-inf"))
         m_c = tl.max(s, 1)  # finite: the chunk's first block is visible
@@ -124,7 +136,7 @@ def _cmp_kernel(
     at = out_row * num_splits + split
     tl.store(M_SPLIT + at, m_i, mask=row_ok)
     tl.store(L_SPLIT + at, l_i, mask=row_ok)
-    tl.store(ACC_SPLIT + at[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(ACC_SPLIT + at[:, None] * DV + dv[None, :], acc, mask=_tile_mask(row_ok[:, None], dv[None, :], DV, BV))
 
 
 @triton.jit(do_not_specialize=_SELECT_VARYING)
@@ -225,10 +237,10 @@ def _sparse_kernel(
     out_row = (bt * HKV * G + h * G + rows).to(tl.int64)
     q_ptr = Q + b.to(tl.int64) * stride_qb + (bt % Q_LEN) * stride_qt + (h * G + rows)[:, None] * stride_qh
     d1 = tl.arange(0, BK1)
-    q1 = _load_rows(q_ptr, row_ok, d1, DK)
+    q1 = _load_rows(q_ptr, row_ok, d1, DK, BK1)
     if BK2 > 0:
         d2 = BK1 + tl.arange(0, BK2)
-        q2 = _load_rows(q_ptr, row_ok, d2, DK)
+        q2 = _load_rows(q_ptr, row_ok, d2, DK, BK1 + BK2)
     dv = tl.arange(0, BV)
     is_sel = unit < SEL_UNITS
     slots = tl.arange(0, NP)
@@ -270,10 +282,10 @@ def _sparse_kernel(
         kpos = lo + tl.arange(0, BN)
         kv_ok = kpos < hi
         k_ptr = k_base + kpos.to(tl.int64)[None, :] * skt
-        kt1 = tl.load(k_ptr + d1[:, None], mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
+        kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(kv_ok[None, :], d1[:, None], DK, BK1), other=0.0)
         s = tl.dot(q1, kt1, input_precision=PREC)
         if BK2 > 0:
-            kt2 = tl.load(k_ptr + d2[:, None], mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
+            kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(kv_ok[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
             s += tl.dot(q2, kt2, input_precision=PREC)
         s = tl.where(kv_ok[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -282,13 +294,13 @@ def _sparse_kernel(
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(v_base + kpos.to(tl.int64)[:, None] * svt + dv[None, :],
-                     mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+                     mask=_tile_mask(kv_ok[:, None], dv[None, :], DV, BV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
         m_i = m_new
     at = out_row * NUM_UNITS + unit
     tl.store(M_UNIT + at, m_i, mask=row_ok)
     tl.store(L_UNIT + at, l_i, mask=row_ok)
-    tl.store(ACC_UNIT + at[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(ACC_UNIT + at[:, None] * DV + dv[None, :], acc, mask=_tile_mask(row_ok[:, None], dv[None, :], DV, BV))
 
 
 @triton.jit
@@ -302,7 +314,7 @@ def _merge_partials(M, L, ACC, row, lo, hi, STRIDE_ROW, UP: tl.constexpr, DV: tl
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)))
     total = tl.sum(w * tl.load(L + row * STRIDE_ROW + u, mask=ok, other=0.0), 0)
     dv = tl.arange(0, BV)
-    acc = tl.load(ACC + (row * STRIDE_ROW + u)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV),
+    acc = tl.load(ACC + (row * STRIDE_ROW + u)[:, None] * DV + dv[None, :], mask=_tile_mask(ok[:, None], dv[None, :], DV, BV),
                   other=0.0)
     return tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
 
