@@ -8,8 +8,8 @@ flash-linear-attention package's `nsa`), so `AutoConfig` / `AutoModel` / `AutoMo
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_nsa import NSAConfig
-from .kernels import nsa_attention
-from .modeling import NSACache, NSAForCausalLM, NSAModel, NSAPreTrainedModel
+from .kernels import nsa_attention, nsa_decode
+from .modeling import NSACache, NSAForCausalLM, NSAModel, NSAPreTrainedModel, NSAStaticCache
 
 AutoConfig.register(NSAConfig.model_type, NSAConfig, exist_ok=True)
 AutoModel.register(NSAConfig, NSAModel, exist_ok=True)
@@ -17,4 +17,7 @@ AutoModelForCausalLM.register(NSAConfig, NSAForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["NSAConfig", "NSAModel", "NSAForCausalLM", "NSAPreTrainedModel", "NSACache", "nsa_attention"]
+__all__ = [
+    "NSAConfig", "NSAModel", "NSAForCausalLM", "NSAPreTrainedModel", "NSACache", "NSAStaticCache", "nsa_attention",
+    "nsa_decode",
+]

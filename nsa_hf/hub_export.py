@@ -26,6 +26,7 @@ _PACKAGE_FILES = {
     "configuration_nsa.py": "configuration_nsa.py",
     "modeling_nsa.py": "modeling/modeling_nsa.py",
     "cache_nsa.py": "modeling/cache_nsa.py",
+    "layout_nsa.py": "modeling/layout_nsa.py",
     "nsa_kernels.py": "kernels/__init__.py",
 }
 

@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from nsa_hf import NSAConfig, NSAForCausalLM
-from nsa_hf.kernels import num_compressed_blocks
-from nsa_hf.modeling import NSACache
+from nsa_hf.kernels import num_compressed_blocks, unfold_compression_blocks
+from nsa_hf.modeling import NSACache, NSAStaticCache
 
 from _tiny import NSA_SIZES, VARIANTS, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from _tiny import DIMS as _TINY_DIMS
@@ -80,18 +80,31 @@ def _count_compressed_blocks(model):
     return counts
 
 
-def test_each_block_is_compressed_once():
+def _assert_cache_holds_the_compressed_sequence(model, cache, lengths):
+    """Every row's cached compressed blocks equal phi of the blocks cut from the row's cached keys."""
+    for layer, attn in zip(cache.layers, (m.self_attn for m in model.model.layers)):
+        for b, n in enumerate(lengths):
+            keys = layer.buffers["key"][b : b + 1, :n]
+            expected = attn.compress_key(unfold_compression_blocks(keys, 8, 4))[0]
+            count = num_compressed_blocks(n, 8, 4)
+            assert_close(layer.buffers["compressed_key"][b, :count], expected, atol=1e-6)
+
+
+def test_blocks_are_compressed_when_they_complete_and_never_again():
     model = make_model()
     counts = _count_compressed_blocks(model)
     ids = tokens(3, 90)
+    layers = model.config.num_hidden_layers
     with torch.no_grad():
         cache = cache_of(model(ids[:, :30], use_cache=True))
+        assert sum(counts) == layers * 3 * num_compressed_blocks(30, 8, 4)  # the prefill: its own blocks only
+        counts.clear()
         for t in range(30, 90):
             model(ids[:, t : t + 1], past_key_values=cache)
-    layers = model.config.num_hidden_layers
-    assert sum(counts) == layers * 3 * num_compressed_blocks(90, 8, 4)
+    # a decoding step compresses one candidate block per row (ceil(1 / stride)), branch-free; the prefix never again
+    assert counts == [3] * (layers * 60)
+    _assert_cache_holds_the_compressed_sequence(model, cache, [90, 90, 90])
     # the same with rows of different real lengths (left padding)
-    counts.clear()
     rows = [tokens(1, n, seed=i) for i, n in enumerate((30, 17, 4))]
     ids, mask = left_pad(rows)
     more = tokens(3, 60, seed=7)
@@ -100,8 +113,8 @@ def test_each_block_is_compressed_once():
         for t in range(60):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
             model(more[:, t : t + 1], attention_mask=mask, past_key_values=cache)
-    expected = sum(num_compressed_blocks(r.shape[1] + 60, 8, 4) for r in rows)
-    assert sum(counts) == layers * expected
+    _assert_cache_holds_the_compressed_sequence(model, cache, [r.shape[1] + 60 for r in rows])
+    assert cache.seqlens.tolist() == [90, 77, 64]
 
 
 @pytest.mark.parametrize("variant", ["mlp", "separate_kv"])
@@ -167,6 +180,81 @@ def test_an_empty_cache_of_another_kind_is_replaced_by_an_nsa_cache():
     assert isinstance(cache_of(out), NSACache) and cache_of(out).get_seq_length() == 20
 
 
+@pytest.mark.parametrize("variant", ["mlp", "separate_kv"])
+def test_static_cache_decodes_like_the_full_forward_with_left_padding(variant):
+    model = make_model(**VARIANTS[variant])
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((41, 16, 7))]
+    more = tokens(3, 30, seed=5)
+    ids, mask = left_pad(rows)
+    cache = NSAStaticCache(model.config, max_cache_len=80)
+    with torch.no_grad():
+        prefill = model(ids, attention_mask=mask, past_key_values=cache).logits
+        pieces = []
+        chunk_mask = torch.ones(3, 3, dtype=torch.long)
+        chunk_mask[2, 0] = 0  # a padded slot inside a decoding chunk
+        pieces.append(model(more[:, :3], attention_mask=chunk_mask, past_key_values=cache).logits)
+        for t in range(3, 30):  # the new tokens' mask alone: the shape a compiled step sees
+            pieces.append(model(more[:, t : t + 1], attention_mask=torch.ones(3, 1, dtype=torch.long),
+                                past_key_values=cache).logits)
+    decoded = torch.cat(pieces, dim=1)
+    assert cache.seqlens.tolist() == [41 + 30, 16 + 30, 7 + 29]
+    for i, row in enumerate(rows):
+        extra = more[i : i + 1] if i < 2 else torch.cat([more[i : i + 1, 1:]], dim=1)
+        alone = model(torch.cat([row, extra], dim=1)).logits[0]
+        n = row.shape[1]
+        assert_close(prefill[i, -n:], alone[:n])
+        assert_close(decoded[i] if i < 2 else decoded[i, 1:], alone[n:])
+
+
+def test_static_cache_refuses_to_overflow_and_keeps_its_buffers():
+    model = make_model()
+    cache = NSAStaticCache(model.config, max_cache_len=40)
+    with torch.no_grad():
+        model(tokens(2, 30), past_key_values=cache)
+        buffers = {name: buf.data_ptr() for name, buf in cache.layers[0].buffers.items()}
+        for t in range(10):
+            model(tokens(2, 1, seed=t), past_key_values=cache)
+        assert {name: buf.data_ptr() for name, buf in cache.layers[0].buffers.items()} == buffers
+        assert int(cache.get_seq_length()) == 40
+        with pytest.raises(ValueError, match="max_cache_len=40"):
+            model(tokens(2, 1), past_key_values=cache)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        NSAStaticCache(model.config, max_cache_len=0)
+
+
+def test_static_cache_crop_and_beam_reorder_match_the_dynamic_cache():
+    model = make_model()
+    ids = tokens(2, 37)
+    with torch.no_grad():
+        results = []
+        for cache in (NSACache(model.config), NSAStaticCache(model.config, max_cache_len=64)):
+            model(ids[:, :30], past_key_values=cache)
+            model(ids[:, 30:], past_key_values=cache)
+            cache.crop(-5)
+            cache.reorder_cache(torch.tensor([1, 0]))
+            results.append(model(tokens(2, 2, seed=3), past_key_values=cache).logits)
+    assert_close(results[1], results[0], atol=1e-6)
+
+
+def test_decoding_step_with_a_static_cache_compiles_without_graph_breaks():
+    model = make_model()
+    cache = NSAStaticCache(model.config, max_cache_len=64)
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache)
+        eager = NSAStaticCache(model.config, max_cache_len=64)
+        model(ids[:, :30], past_key_values=eager)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+        for t in range(30, 36):  # fullgraph=True raises at any graph break
+            step = dict(attention_mask=torch.ones(2, 1, dtype=torch.long))
+            out = compiled(ids[:, t : t + 1], past_key_values=cache, **step).logits
+            ref = model(ids[:, t : t + 1], past_key_values=eager, **step).logits
+            assert_close(out, ref, atol=1e-5)
+    # one graph for every step: nothing in a step depends on the current length on the host
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 # ----------------------------------------------------------------------------------------------- generate
 
 
@@ -187,6 +275,19 @@ def test_generate_makes_an_nsa_cache():
     out = model.generate(tokens(1, 30), max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     cache = cache_of(out)
     assert isinstance(cache, NSACache) and cache.get_seq_length() == 34  # the last token is not fed back
+
+
+def test_generate_with_a_static_cache_equals_the_dynamic_cache():
+    model = make_model()
+    rows = [tokens(1, n, seed=i) for i, n in enumerate((33, 9))]
+    ids, mask = left_pad(rows)
+    kwargs = dict(attention_mask=mask, max_new_tokens=25, do_sample=False)
+    out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert isinstance(cache_of(out), NSAStaticCache)
+    assert torch.equal(out.sequences, model.generate(ids, **kwargs))
+    beams = dict(max_new_tokens=10, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids[:1], cache_implementation="static", **beams),
+                       model.generate(ids[:1], **beams))
 
 
 def test_sampling_is_reproducible_and_cache_independent():

@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from ._tiling import MAX_DECODE_QUERIES
 from .reference import check_query_key_lengths, nsa_attention_ref, nsa_decode_ref
 from .utils import compressed_cu_seqlens, num_compressed_blocks, unfold_compression_blocks
 
@@ -109,11 +110,9 @@ def _decode_unsupported_reason(q, k, v, select_block_size, compress_stride) -> s
     reason = _triton_unsupported_reason(q, k, v)
     if reason is not None:
         return reason
-    from .decode import MAX_QUERIES
-
     ratio = select_block_size // compress_stride
-    if q.shape[1] > MAX_QUERIES:
-        return f"{q.shape[1]} queries per row (the decode kernels take at most {MAX_QUERIES})"
+    if q.shape[1] > MAX_DECODE_QUERIES:
+        return f"{q.shape[1]} queries per row (the decode kernels take at most {MAX_DECODE_QUERIES})"
     if ratio & (ratio - 1):
         return f"select_block_size / compress_stride = {ratio} (the decode kernels need a power of two)"
     if q.shape[2] // k.shape[2] > 128:
@@ -230,5 +229,5 @@ def nsa_decode(
 
 
 __all__ = [
-    "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "num_compressed_blocks", "unfold_compression_blocks",
+    "MAX_DECODE_QUERIES", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "num_compressed_blocks", "unfold_compression_blocks",
 ]

@@ -12,6 +12,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run in Tri
 
 next_pow2 = triton.next_power_of_2
 
+MAX_DECODE_QUERIES = 16  # new queries per sequence the decode kernels take; longer chunks use the training kernels
+
 
 def split_head_dim(d: int) -> tuple[int, int]:
     """

@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import INTERPRET, LOG2E, dot_precision, next_pow2, split_head_dim
+from ._tiling import INTERPRET, LOG2E, MAX_DECODE_QUERIES, dot_precision, next_pow2, split_head_dim
 from .selection import KEY_MAX_LOW, _merge_chunk
 
-MAX_QUERIES = 16  # new queries per sequence the decode kernels take; longer chunks use the training kernels
 # Integer arguments that change with the cache's capacity or the batch: never specialised, so that a new length
 # compiles nothing.
 _CMP_VARYING = ["stride_qb", "stride_cb", "stride_db", "num_chunks", "chunks_per_split", "num_splits"]
@@ -346,7 +345,7 @@ def _combine_kernel(
 
 
 _NUM_SMS: dict = {}
-_PROGRAMS_PER_SM = 2  # launch geometry and pipelining of the decode kernels (benchmarks/sweep_decode.py)
+_PROGRAMS_PER_SM = 4  # launch geometry and pipelining of the decode kernels (benchmarks/sweep_decode.py)
 _NUM_STAGES = 1
 
 

@@ -1,6 +1,6 @@
-"""The Transformers model of Native Sparse Attention: `NSAModel`, `NSAForCausalLM` and their cache `NSACache`."""
+"""The Transformers model of Native Sparse Attention: `NSAModel`, `NSAForCausalLM` and their caches `NSACache`, `NSAStaticCache`."""
 
-from .cache_nsa import NSACache, NSACacheLayer
+from .cache_nsa import NSACache, NSACacheLayer, NSAStaticCache
 from .modeling_nsa import NSAAttention, NSACompression, NSAForCausalLM, NSAModel, NSAPreTrainedModel
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "NSAForCausalLM",
     "NSAModel",
     "NSAPreTrainedModel",
+    "NSAStaticCache",
 ]

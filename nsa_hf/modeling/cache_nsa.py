@@ -1,41 +1,82 @@
 """
-The key/value cache of Native Sparse Attention, built on the transformers `Cache` API (`Cache` + `CacheLayerMixin`,
-which exist with the same contract in transformers 5.17 and 5.24).
+The key/value caches of Native Sparse Attention, on the transformers `Cache` API (`Cache` + `CacheLayerMixin`, the
+same contract in transformers 5.17 and 5.24):
 
-Per layer it holds, in the `[batch, seq, heads, dim]` layout of `nsa_hf.kernels.nsa_attention`:
-- the raw keys/values of the selection branch (`"key"`, `"value"`), which are also every branch's when K/V are shared;
-- with `shared_kv=False`, the raw keys/values of the compression branch (`"cmp_key"`, `"cmp_value"`, the source of
-  the compressed blocks) and of the window branch (`"win_key"`, `"win_value"`);
-- the compressed keys/values (`"compressed_key"`, `"compressed_value"`), one per complete compression block of each
-  row's real tokens. A block is compressed once, in the forward where it completes; the prefix is never recompressed.
+- `NSACache`: grows as tokens arrive (the default of `generate()` and of a forward with `use_cache=True`);
+- `NSAStaticCache`: preallocated for `max_cache_len` tokens, so that a decoding step has fixed shapes and addresses
+  and runs under `torch.compile` / CUDA graphs (`generate(..., cache_implementation="static")`).
 
-Raw states live in buffers that grow by whole chunks of `_GROWTH` tokens, so that a decoding step writes one column in
-place instead of copying the whole cache (`torch.cat` per step costs as much memory traffic as dense attention).
-The views handed out are `buffer[:, :length]`, contiguous for batch 1 and strided otherwise.
+Both store, per layer and in the `[batch, seq, heads, dim]` layout of `nsa_hf.kernels`, each row's REAL tokens from
+column 0 (padding is never stored): the raw keys/values of the selection branch (`"key"`, `"value"`, every branch's
+when K/V are shared), with `shared_kv=False` those of the compression (`"cmp_key"`, `"cmp_value"`) and window
+(`"win_key"`, `"win_value"`) branches, and the compressed keys/values (`"compressed_key"`, `"compressed_value"`), one
+per complete compression block of the row. Each buffer has one scratch column past its capacity, where padding
+tokens and blocks that do not complete in a step are written, so that a step needs no host-side branching.
 
-Rows may hold different numbers of real tokens (left padding in batched generation). The cache then keeps, shared by
-all layers, a `[batch, seq]` mask of which cached columns are real tokens and each row's real length; compression
-blocks are cut from each row's real tokens only, so a padded row gives the same result as the row run alone.
+A block is compressed in the forward where it completes and never again; in a decoding step the candidate blocks
+(`ceil(q_len / compress_stride)` per row) are compressed branch-free and only the completed ones land in the cache.
+Shared by the layers: `seqlens` (`[batch]` int32 on the device), each row's real tokens.
 """
+
+import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels import num_compressed_blocks
+from ..kernels import MAX_DECODE_QUERIES, num_compressed_blocks, unfold_compression_blocks
 
-_GROWTH = 256  # raw buffers grow to the next multiple of this many tokens
-_CMP_GROWTH = 64  # compressed buffers grow to the next multiple of this many blocks
+_GROWTH = 256  # dynamic raw buffers grow to the next multiple of this many tokens
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def num_compressed(lengths: torch.Tensor, compress_block_size: int, compress_stride: int) -> torch.Tensor:
+    """Complete compression blocks of sequences of `lengths` tokens (tensor form of `num_compressed_blocks`)."""
+    return torch.where(lengths >= compress_block_size,
+                       torch.div(lengths - compress_block_size, compress_stride, rounding_mode="floor") + 1, 0)
+
+
+class NSACacheStep:
+    """
+    What one forward adds to an NSA cache, shared by every layer (`NSACache.begin_step`).
+
+    Attributes:
+        decode: the new tokens go through the decode kernels (`q_len <= 16`); else through the training kernels.
+        query_positions: `[batch, q_len]` int32, each new token's position in its row, -1 for padding.
+        write_columns: `[batch, q_len]` int64, where each new token is stored (the scratch column for padding).
+        old_lengths, new_lengths: `[batch]` int32, real tokens per row before / after this forward.
+        host_old_lengths, host_new_lengths: the same as lists (prefill only: one host sync).
+    """
+
+    def __init__(self, decode, query_positions, write_columns, old_lengths, new_lengths, capacity,
+                 host_lengths=None):
+        self.decode = decode
+        self.capacity = capacity  # raw tokens each row can hold in this step (column `capacity` is scratch)
+        self.query_positions = query_positions
+        self.write_columns = write_columns
+        self.old_lengths = old_lengths
+        self.new_lengths = new_lengths
+        self.host_old_lengths, self.host_new_lengths = host_lengths if host_lengths is not None else (None, None)
+
+    def packing(self, build):
+        """The step's `CachedPrefill`, built by the first layer that asks (`build()`), shared by the rest."""
+        if getattr(self, "_packing", None) is None:
+            self._packing = build()
+        return self._packing
+
+    @property
+    def uniform(self) -> bool:
+        """Prefill only: every row holds the same number of tokens and every new token is real."""
+        old, new = self.host_old_lengths, self.host_new_lengths
+        return len(set(old)) == 1 and len(set(new)) == 1 and new[0] - old[0] == self.query_positions.shape[1]
+
+
 class NSACacheLayer(CacheLayerMixin):
     """
-    One layer's NSA states. Raw streams are `[batch, capacity, heads, dim]` buffers of which the first `length` columns
-    are filled; compressed streams are `[batch, capacity, heads, dim]` buffers whose row `b` holds that row's blocks in
-    order (how many are valid is the cache's business: `NSACache.num_compressed`).
+    One layer's NSA states: `buffers[name]` is `[batch, capacity + 1, heads, dim]` (the last column is scratch),
+    row b holding that row's tokens (raw streams) or compressed blocks (compressed streams) from column 0.
     """
 
     is_compileable = False
@@ -44,51 +85,40 @@ class NSACacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.length = 0
-        self.raw: dict[str, torch.Tensor] = {}
-        self.compressed: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
 
-    # ------------------------------------------------------------------ Cache API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise ValueError(
-            "NSACache is filled by NSAAttention (NSA attention, the default `attn_implementation`); dense attention "
-            "('sdpa' / 'eager') uses a `DynamicCache` instead."
+            "an NSA cache is filled by NSAAttention (NSA attention, the default `attn_implementation`); dense "
+            "attention ('sdpa' / 'eager') uses a `DynamicCache` or `StaticCache` instead."
         )
 
     def get_seq_length(self) -> int:
-        return self.length
+        raise NotImplementedError("ask the cache (NSACache.get_seq_length), not one of its layers")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return 0, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def offload(self):
-        raise NotImplementedError("NSACache does not support offloading")
+        raise NotImplementedError("NSA caches do not support offloading")
 
     def prefetch(self):
-        raise NotImplementedError("NSACache does not support offloading")
+        raise NotImplementedError("NSA caches do not support offloading")
 
     def reset(self) -> None:
-        self.length = 0
-        self.raw = {}
-        self.compressed = {}
+        self.buffers = {}
         self.keys = self.values = None
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last `abs(tokens_to_remove)` token columns (compressed blocks are recounted by the cache)."""
-        self.length = max(self.length - abs(tokens_to_remove), 0)
-        self._refresh_views()
-
     def _map_batch(self, fn) -> None:
-        self.raw = {name: fn(buf) for name, buf in self.raw.items()}
-        self.compressed = {name: fn(buf) for name, buf in self.compressed.items()}
+        self.buffers = {name: fn(buf) for name, buf in self.buffers.items()}
         self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -100,169 +130,317 @@ class NSACacheLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
 
-    # ------------------------------------------------------------------ NSA storage
-    @staticmethod
-    def _ensure(buffers: dict, name: str, like: torch.Tensor, needed: int, growth: int) -> torch.Tensor:
-        """The buffer `name` with room for `needed` columns, (re)allocated like `like` `[batch, n, heads, dim]`."""
-        buf = buffers.get(name)
-        if buf is not None and buf.shape[0] != like.shape[0]:
-            raise ValueError(f"the cache holds {buf.shape[0]} rows but the inputs have batch size {like.shape[0]}")
-        if buf is not None and buf.shape[1] >= needed:
+    def crop(self, tokens_to_remove: int) -> None:
+        pass  # the cache's `seqlens` say what is valid
+
+    def ensure(self, name: str, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The buffer `name`, `[batch, >= capacity + 1, heads, dim]` like `like` (dynamic caches: grown, data kept)."""
+        buf = self.buffers.get(name)
+        if buf is not None and buf.shape[1] >= capacity + 1:
             return buf
-        capacity = _round_up(max(needed, 1), growth)
-        new = like.new_zeros(like.shape[0], capacity, *like.shape[2:])
+        new = like.new_zeros(like.shape[0], capacity + 1, *like.shape[2:])
         if buf is not None:
-            keep = min(buf.shape[1], capacity)
+            keep = buf.shape[1] - 1
             new[:, :keep] = buf[:, :keep]
-        buffers[name] = new
+        self.buffers[name] = new
         return new
 
-    def append(self, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """
-        Write the new tokens' states (`{name: [batch, new, heads, dim]}`, every stream of the layer, each call) after
-        the cached ones; return `{name: [batch, length, heads, dim]}` views of all tokens.
-        """
-        first = next(iter(states.values()))
-        if not self.is_initialized:
-            self.lazy_initialization(first, first)
-        num_new = first.shape[1]
-        end = self.length + num_new
-        out = {}
-        for name, new in states.items():
-            buf = self._ensure(self.raw, name, new, end, _GROWTH)
-            buf[:, self.length : end] = new
-            out[name] = buf[:, :end]
-        self.length = end
-        self._refresh_views()
-        return out
-
-    def write_compressed(self, name: str, blocks: torch.Tensor, start: int, row: int | None = None) -> None:
-        """Store compressed blocks `[batch, n, heads, dim]` (or `[n, heads, dim]` for one `row`) from index `start`."""
-        if row is None:
-            buf = self._ensure(self.compressed, name, blocks, start + blocks.shape[1], _CMP_GROWTH)
-            buf[:, start : start + blocks.shape[1]] = blocks
-        else:
-            like = blocks.new_empty(self.batch_size, 0, *blocks.shape[1:])
-            buf = self._ensure(self.compressed, name, like, start + blocks.shape[0], _CMP_GROWTH)
-            buf[row, start : start + blocks.shape[0]] = blocks
-
-    def get_compressed(self, name: str, count: int, like: torch.Tensor, row: int | None = None) -> torch.Tensor:
-        """The first `count` compressed blocks: `[batch, count, heads, dim]`, or `[count, heads, dim]` of one `row`."""
-        buf = self.compressed.get(name)
-        if buf is None:
-            buf = like.new_zeros(self.batch_size, 0, *like.shape[2:])
-        return buf[:, :count] if row is None else buf[row, :count]
-
-    @property
-    def batch_size(self) -> int:
-        for buf in self.raw.values():
-            return buf.shape[0]
-        return 0
-
     def _refresh_views(self) -> None:
-        # `keys` / `values` as in every transformers cache layer (the selection branch's states).
-        self.keys = self.raw["key"][:, : self.length] if "key" in self.raw else None
-        self.values = self.raw["value"][:, : self.length] if "value" in self.raw else None
-
-
-class NSACacheStep:
-    """What one forward adds to an `NSACache`, shared by every layer (built by `NSACache.begin_step`)."""
-
-    def __init__(self, past_length, num_new, uniform, old_lengths=None, new_lengths=None, key_mask=None):
-        self.past_length = past_length  # cached columns before this forward (padding included)
-        self.num_new = num_new
-        self.uniform = uniform  # every cached and new column of every row is a real token
-        self.old_lengths = old_lengths  # per row: real tokens before / after this forward (padded case only)
-        self.new_lengths = new_lengths
-        self.key_mask = key_mask  # [batch, past + new] bool, which columns are real tokens (padded case only)
+        # `keys` / `values` as in every transformers cache layer: the selection branch's (padded) buffers
+        self.keys = self.buffers.get("key")
+        self.values = self.buffers.get("value")
 
 
 class NSACache(Cache):
     """
-    KV cache of an NSA model: one `NSACacheLayer` per decoder layer plus the token bookkeeping shared by the layers
-    (which cached columns are real tokens, each row's real length). Created by `NSAModel` when `use_cache` is on and
-    by `NSAForCausalLM.generate`; pass it back as `past_key_values` (transformers 5.17) / `cache` (5.24+).
+    KV cache of an NSA model that grows as tokens arrive: one `NSACacheLayer` per decoder layer plus each row's real
+    length. Created by `NSAModel` when `use_cache` is on and by `generate`; pass it back as `past_key_values`
+    (transformers 5.17) / `cache` (5.24+).
 
     Args:
         config: the model's `NSAConfig` (number of layers, compression block size and stride).
     """
 
+    is_static = False
+
     def __init__(self, config, **kwargs):
-        num_layers = config.num_hidden_layers
-        super().__init__(layers=[NSACacheLayer() for _ in range(num_layers)])
+        super().__init__(layers=[NSACacheLayer() for _ in range(config.num_hidden_layers)])
         self.compress_block_size = config.compress_block_size
         self.compress_stride = config.compress_stride
-        self.key_mask: torch.Tensor | None = None  # None while every cached column of every row is a real token
-        self.real_lengths: list[int] | None = None  # per row, None while rows are uniform
+        self.seqlens: torch.Tensor | None = None  # [batch] int32, real tokens per row
+        self._columns = 0  # token columns seen, padding included (what `get_seq_length` reports, as for Llama)
+        self._host_seqlens: list[int] | None = None  # seqlens on the host while known without a sync
 
-    def num_compressed(self, real_length: int) -> int:
-        return num_compressed_blocks(real_length, self.compress_block_size, self.compress_stride)
+    # ------------------------------------------------------------------ lengths
+    def get_seq_length(self, layer_idx: int = 0):
+        return self._columns
 
-    def begin_step(self, new_mask: torch.Tensor | None, num_new: int, batch_size: int) -> NSACacheStep:
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def capacity_for(self, num_new: int) -> int:
+        """Raw columns the buffers need after a forward of `num_new` tokens (no row holds more than the columns)."""
+        return _round_up(self._columns + num_new, _GROWTH)
+
+    def _lengths(self, batch_size: int, device) -> torch.Tensor:
+        if self.seqlens is None:
+            self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            self._host_seqlens = [0] * batch_size
+        if self.seqlens.shape[0] != batch_size:
+            raise ValueError(f"the cache holds {self.seqlens.shape[0]} rows but the inputs have batch size {batch_size}")
+        return self.seqlens
+
+    def _advance(self, new_lengths: torch.Tensor, num_new: int) -> None:
+        self.seqlens = new_lengths
+        self._columns += num_new
+
+    def begin_step(self, new_mask: torch.Tensor | None, num_new: int, batch_size: int, device) -> NSACacheStep:
         """
-        Record the tokens of the coming forward (`new_mask`: `[batch, num_new]` bool of which are real tokens, None
-        when all are) and describe the step for the layers.
+        Record the tokens of the coming forward (`new_mask`: `[batch, num_new]` bool, which are real tokens; None when
+        all are) and describe the step for the layers. Decoding steps (`num_new <= 16`) do no host sync.
         """
-        past = self.get_seq_length()
-        if self.key_mask is None and new_mask is None:
-            return NSACacheStep(past, num_new, uniform=True)
-        if past > 0 and self.layers[0].batch_size not in (0, batch_size):
-            raise ValueError(
-                f"the cache holds {self.layers[0].batch_size} rows but the inputs have batch size {batch_size}"
-            )
-        device = new_mask.device if new_mask is not None else self.key_mask.device
-        past_mask = self.key_mask
-        if past_mask is None:
-            past_mask = torch.ones(batch_size, past, dtype=torch.bool, device=device)
+        old = self._lengths(batch_size, device)
+        if self.is_static:
+            old = old.clone()  # the static lengths are updated in place below
+        decode = num_new <= MAX_DECODE_QUERIES
         if new_mask is None:
-            new_mask = torch.ones(batch_size, num_new, dtype=torch.bool, device=device)
-        old_lengths = self.real_lengths if self.real_lengths is not None else [past] * batch_size
-        new_lengths = [o + n for o, n in zip(old_lengths, new_mask.sum(1).tolist())]
-        self.key_mask = torch.cat([past_mask, new_mask.to(torch.bool)], dim=1)
-        self.real_lengths = new_lengths
-        return NSACacheStep(past, num_new, uniform=False, old_lengths=old_lengths, new_lengths=new_lengths,
-                            key_mask=self.key_mask)
+            ranks = torch.arange(1, num_new + 1, device=device, dtype=torch.int32).expand(batch_size, num_new)
+            real = None
+        else:
+            real = new_mask.to(device=device, dtype=torch.bool)
+            ranks = real.to(torch.int32).cumsum(1, dtype=torch.int32)
+        new = old + ranks[:, -1] if num_new > 0 else old.clone()
+        scratch = self.raw_capacity(num_new)
+        positions = (old[:, None] + ranks - 1).clamp_max(scratch - 1)  # past the capacity only when it is full
+        columns = positions.to(torch.int64)
+        if real is not None:
+            positions = torch.where(real, positions, -1)
+            columns = torch.where(real, columns, scratch)
+        host = None
+        if not decode:
+            host_old = self._host_seqlens if self._host_seqlens is not None else old.tolist()
+            host = (host_old, new.tolist())
+            if max(host[1], default=0) > scratch:
+                raise ValueError(f"the cache holds at most {scratch} tokens per row, this forward needs {max(host[1])}")
+        else:
+            self.check_capacity(new)
+        if self.is_static:  # host lengths are only read by prefills, which sync; decoding steps must not touch them
+            self._host_seqlens = None
+        elif host is not None:
+            self._host_seqlens = host[1]
+        elif self._host_seqlens is not None:
+            self._host_seqlens = [n + num_new for n in self._host_seqlens] if real is None else None
+        self._advance(new, num_new)
+        return NSACacheStep(decode, positions, columns, old, new, scratch, host)
 
-    # Batch/length edits must keep the shared bookkeeping in step with the layers.
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # transformers < 5.18: a positive value is the length to keep
-            tokens_to_remove = max(self.get_seq_length() - tokens_to_remove, 0)
-        tokens_to_remove = abs(tokens_to_remove)
-        if tokens_to_remove == 0:
+    def raw_capacity(self, num_new: int) -> int:
+        return self.capacity_for(num_new)
+
+    def check_capacity(self, new_lengths: torch.Tensor) -> None:
+        pass  # dynamic buffers grow to fit
+
+    # ------------------------------------------------------------------ one layer's update
+    def update_nsa(self, layer_idx: int, states: dict[str, torch.Tensor], compress_sources, step: NSACacheStep):
+        """
+        Store one layer's new tokens (`states`: `{name: [batch, q_len, heads, dim]}`, every raw stream of the layer)
+        and the compression blocks they complete (`compress_sources`: `(("compressed_key", source_name, phi), ...)`).
+        Returns `(raw, compressed)`: `{name: [batch, capacity + 1, heads, dim]}` buffers of all tokens so far.
+        """
+        layer = self.layers[layer_idx]
+        first = next(iter(states.values()))
+        if not layer.is_initialized:
+            layer.lazy_initialization(first, first)
+        capacity = step.capacity
+        rows = torch.arange(first.shape[0], device=first.device)[:, None]
+        raw = {}
+        for name, new in states.items():
+            buf = layer.ensure(name, new, capacity)
+            buf.index_put_((rows, step.write_columns), new)
+            raw[name] = buf
+        l, d = self.compress_block_size, self.compress_stride
+        cmp_capacity = max(math.ceil(capacity / d), 1)
+        compressed = {}
+        for name, source, phi in compress_sources:
+            src = raw[source]
+            buf = layer.ensure(name, src[:, :0], cmp_capacity)
+            if step.decode:
+                self._compress_candidates(buf, src, phi, step, cmp_capacity)
+            else:
+                self._compress_prefill(buf, src, phi, step)
+            compressed[name] = buf
+        layer._refresh_views()
+        return raw, compressed
+
+    def _compress_candidates(self, buf, src, phi, step, cmp_capacity):
+        """Decoding: compress the blocks that may complete in this step, branch-free; write those that do."""
+        l, d = self.compress_block_size, self.compress_stride
+        batch, num_new = step.query_positions.shape
+        first = num_compressed(step.old_lengths, l, d)  # [batch]
+        done = num_compressed(step.new_lengths, l, d)
+        cand = first[:, None] + torch.arange(-(-num_new // d), device=src.device)  # [batch, C]
+        tokens = (cand[..., None] * d + torch.arange(l, device=src.device)).clamp_max(src.shape[1] - 1)
+        rows = torch.arange(batch, device=src.device)
+        blocks = src[rows[:, None, None], tokens]  # [batch, C, l, heads, dim]
+        dest = torch.where(cand < done[:, None], cand, cmp_capacity).to(torch.int64)
+        buf.index_put_((rows[:, None], dest), phi(blocks).to(buf.dtype))
+
+    def _compress_prefill(self, buf, src, phi, step):
+        """Prefill: compress each row's newly completed blocks (host-known lengths)."""
+        l, d = self.compress_block_size, self.compress_stride
+        counts = [(num_compressed_blocks(o, l, d), num_compressed_blocks(n, l, d)) for o, n in zip(step.host_old_lengths,
+                                                                            step.host_new_lengths)]
+        if step.uniform:
+            first, last = counts[0]
+            if last > first:
+                blocks = unfold_compression_blocks(src[:, first * d : (last - 1) * d + l], l, d)
+                buf[:, first:last] = phi(blocks).to(buf.dtype)
             return
-        super().crop(-tokens_to_remove)
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[:, : self.key_mask.shape[1] - tokens_to_remove]
-            self.real_lengths = self.key_mask.sum(1).tolist()
+        pieces = [(b, f, n) for b, (f, n) in enumerate(counts) if n > f]
+        if not pieces:
+            return
+        blocks = torch.cat([unfold_compression_blocks(src[b : b + 1, f * d : (n - 1) * d + l], l, d)[0]
+                            for b, f, n in pieces])
+        new = phi(blocks).to(buf.dtype).split([n - f for _, f, n in pieces])
+        for (b, f, n), part in zip(pieces, new):
+            buf[b, f:n] = part
+
+    # ------------------------------------------------------------------ batch / length edits
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `abs(tokens_to_remove)` tokens of every row (as assisted decoding rolls back)."""
+        if tokens_to_remove > 0:  # transformers < 5.18: a positive value is the length to keep
+            tokens_to_remove = max(int(self.get_seq_length()) - tokens_to_remove, 0)
+        tokens_to_remove = abs(tokens_to_remove)
+        if tokens_to_remove == 0 or self.seqlens is None:
+            return
+        self.seqlens = (self.seqlens - tokens_to_remove).clamp_min(0)
+        self._columns = max(self._columns - tokens_to_remove, 0)
+        if self._host_seqlens is not None:
+            self._host_seqlens = [max(n - tokens_to_remove, 0) for n in self._host_seqlens]
+
+    def _map_rows(self, fn) -> None:
+        if self.seqlens is not None:
+            self.seqlens = fn(self.seqlens)
+            self._host_seqlens = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.index_select(0, beam_idx.to(self.key_mask.device))
-            self.real_lengths = [self.real_lengths[i] for i in beam_idx.tolist()]
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
-            self.real_lengths = [n for n in self.real_lengths for _ in range(repeats)]
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[indices]
-            self.real_lengths = self.key_mask.sum(1).tolist()
+        self._map_rows(lambda t: t[indices])
 
     def reset(self) -> None:
         super().reset()
-        self.key_mask = None
-        self.real_lengths = None
+        self.seqlens = None
+        self._columns = 0
+        self._host_seqlens = None
 
     @property
     def batch_size(self) -> int:
         """Rows held, or -1 before the first forward (as transformers' `Cache.batch_size`)."""
-        size = self.layers[0].batch_size if self.layers else 0
-        return size if size > 0 else -1
+        return self.seqlens.shape[0] if self.seqlens is not None else -1
 
 
-__all__ = ["NSACache", "NSACacheLayer", "NSACacheStep"]
+class NSAStaticCache(NSACache):
+    """
+    An NSA cache preallocated for `max_cache_len` tokens per row: fixed buffer shapes and addresses, lengths kept on
+    the device, so a decoding step runs under `torch.compile` and CUDA graphs. `generate(...,
+    cache_implementation="static")` makes one for NSA attention (and compiles the decoding step, as it does for
+    transformers' `StaticCache`). Buffers are allocated at the first forward (batch, dtype and device from it).
+
+    Args:
+        config: the model's `NSAConfig`.
+        max_cache_len: tokens each row can hold.
+    """
+
+    is_static = True
+    is_compileable = True
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config)
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be at least 1, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+        self._columns = torch.zeros((), dtype=torch.int64)
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return self._columns  # a 0-d tensor, as transformers' StaticCache: reading it needs no recompilation
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    def raw_capacity(self, num_new: int) -> int:
+        return self.max_cache_len
+
+    def check_capacity(self, new_lengths: torch.Tensor) -> None:
+        if torch.compiler.is_compiling() or (new_lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # positions past the capacity land in the scratch column; generate sizes the cache to fit
+        longest = int(new_lengths.max()) if new_lengths.numel() else 0
+        if longest > self.max_cache_len:
+            raise ValueError(f"NSAStaticCache(max_cache_len={self.max_cache_len}) is full: a row needs {longest} tokens")
+
+    def _lengths(self, batch_size: int, device) -> torch.Tensor:
+        if self.seqlens is None:
+            self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            self._columns = self._columns.to(device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.seqlens)
+                torch._dynamo.mark_static_address(self._columns)
+        return super()._lengths(batch_size, device)
+
+    def _advance(self, new_lengths: torch.Tensor, num_new: int) -> None:
+        self.seqlens.copy_(new_lengths)  # in place: fixed addresses for compiled / captured steps
+        self._columns.add_(num_new)
+
+    def update_nsa(self, layer_idx, states, compress_sources, step):
+        layer = self.layers[layer_idx]
+        fresh = not layer.buffers
+        raw, compressed = super().update_nsa(layer_idx, states, compress_sources, step)
+        if fresh and not torch.compiler.is_compiling():
+            for buf in layer.buffers.values():
+                torch._dynamo.mark_static_address(buf)
+        return raw, compressed
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            tokens_to_remove = max(int(self._columns) - tokens_to_remove, 0)
+        tokens_to_remove = abs(tokens_to_remove)
+        if tokens_to_remove == 0 or self.seqlens is None:
+            return
+        self.seqlens.sub_(tokens_to_remove).clamp_min_(0)
+        self._columns.sub_(tokens_to_remove).clamp_min_(0)
+        self._host_seqlens = None
+
+    def _map_rows(self, fn) -> None:
+        if self.seqlens is not None:
+            self.seqlens.copy_(fn(self.seqlens))
+            self._host_seqlens = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:  # in place: the buffers keep their addresses
+            for buf in layer.buffers.values():
+                buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("NSAStaticCache has a fixed batch size; size it for all beams / sequences up front")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("NSAStaticCache has a fixed batch size")
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            for buf in layer.buffers.values():
+                buf.zero_()
+        if self.seqlens is not None:
+            self.seqlens.zero_()
+            self._columns.zero_()
+            self._host_seqlens = [0] * self.seqlens.shape[0]
+
+
+__all__ = ["NSACache", "NSAStaticCache", "NSACacheLayer", "NSACacheStep"]

@@ -10,17 +10,14 @@ Attention implementations (`config._attn_implementation`):
   attention functions; compression, selection and gates are ignored. A Llama checkpoint copied into an NSA model gives
   the Llama logits in this mode.
 
-Batches reach `nsa_attention` in one of three layouts, decided once per forward (`NSALayout`):
-- "batched": every token of every row is real and rows are whole sequences (the common case, cached or not);
-- "packed": padded rows (2-D `attention_mask`) or packed documents (restarting `position_ids` as produced by
-  `DataCollatorWithFlattening`, or explicit `cu_seq_lens_q`/`cu_seq_lens_k`) are gathered into one packed sequence with
-  `cu_seqlens`, so no token attends across documents or to padding, and blocks restart per document;
-- "cached_packed": an `NSACache` whose rows hold different numbers of real tokens (left-padded batched generation):
-  each active row's real keys are gathered into a packed sequence and its new queries sit at its end.
+How a forward's tokens reach the kernels is decided once per forward and shared by the layers (`layout_nsa.py`):
+without a cache an `NSALayout` (batched, or packed documents / padded rows); with a cache the `NSACacheStep` of the
+cache: a decoding step (at most 16 new tokens per row) runs `nsa_hf.kernels.nsa_decode` on the cache's buffers, a
+longer chunk runs `nsa_attention` over each row's cached keys.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +26,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -45,8 +42,9 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..configuration_nsa import NSAConfig
-from ..kernels import nsa_attention, num_compressed_blocks, unfold_compression_blocks
-from .cache_nsa import NSACache, NSACacheStep
+from ..kernels import MAX_DECODE_QUERIES, nsa_attention, nsa_decode, num_compressed_blocks, unfold_compression_blocks
+from .cache_nsa import NSACache, NSACacheStep, NSAStaticCache
+from .layout_nsa import CachedPrefill, NSALayout, build_nsa_layout, packed_cu_seqlens
 
 logger = logging.get_logger(__name__)
 
@@ -120,84 +118,6 @@ class NSACompression(nn.Module):
         return f"function={self.function!r}, block_size={self.block_size}"
 
 
-@dataclass
-class NSALayout:
-    """How the tokens of one forward reach `nsa_attention` (see the module docstring); shared by every layer."""
-
-    mode: str  # "batched" | "packed" | "cached_packed"
-    # batched: compressed blocks complete before / after this forward (the same for every row)
-    num_compressed_old: int = 0
-    num_compressed_new: int = 0
-    # packed / cached_packed: flat indices into [batch * q_len] of the real queries, in document order
-    query_index: torch.Tensor | None = None
-    cu_seqlens_q: torch.Tensor | None = None
-    cu_seqlens_k: torch.Tensor | None = None
-    # cached_packed: (row, column) of every real key of the active rows, in document order
-    key_rows: torch.Tensor | None = None
-    key_cols: torch.Tensor | None = None
-    # cached_packed: (row, real-key columns from the first new block's start, first new block, block count after)
-    block_updates: tuple = ()
-    # cached_packed: (row, compressed blocks) of the active rows, in document order
-    compressed_counts: tuple = ()
-
-
-def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-
-
-def build_nsa_layout(
-    config: NSAConfig,
-    batch_size: int,
-    q_len: int,
-    new_mask: torch.Tensor | None,
-    packed_cu_seqlens: torch.Tensor | None,
-    step: NSACacheStep | None,
-    device: torch.device,
-) -> NSALayout:
-    """The `NSALayout` of a forward; `new_mask` is the `[batch, q_len]` real-token mask (None: all real)."""
-    l, d = config.compress_block_size, config.compress_stride
-
-    def ncmp(n: int) -> int:
-        return num_compressed_blocks(n, l, d)
-
-    if step is None:
-        if packed_cu_seqlens is not None:
-            index = torch.arange(batch_size * q_len, device=device)
-            cu = packed_cu_seqlens
-            return NSALayout("packed", query_index=index, cu_seqlens_q=cu, cu_seqlens_k=cu)
-        if new_mask is None:
-            return NSALayout("batched", 0, ncmp(q_len))
-        lengths = new_mask.sum(1)
-        cu = _cu_seqlens(lengths[lengths > 0])
-        index = new_mask.flatten().nonzero().flatten()
-        return NSALayout("packed", query_index=index, cu_seqlens_q=cu, cu_seqlens_k=cu)
-    if step.uniform:
-        return NSALayout("batched", ncmp(step.past_length), ncmp(step.past_length + q_len))
-
-    new_counts = [n - o for o, n in zip(step.old_lengths, step.new_lengths)]
-    active = [b for b in range(batch_size) if new_counts[b] > 0]
-    active_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    active_rows[active] = True
-    key_rows, key_cols = (step.key_mask & active_rows[:, None]).nonzero(as_tuple=True)
-    query_mask = step.key_mask[:, step.past_length :]
-    block_updates = []
-    for b in range(batch_size):
-        first, last = ncmp(step.old_lengths[b]), ncmp(step.new_lengths[b])
-        if last > first:
-            cols = step.key_mask[b].nonzero().flatten()[first * d :]
-            block_updates.append((b, cols, first, last))
-    return NSALayout(
-        "cached_packed",
-        query_index=query_mask.flatten().nonzero().flatten(),
-        cu_seqlens_q=_cu_seqlens(torch.tensor([new_counts[b] for b in active], device=device)),
-        cu_seqlens_k=_cu_seqlens(torch.tensor([step.new_lengths[b] for b in active], device=device)),
-        key_rows=key_rows,
-        key_cols=key_cols,
-        block_updates=tuple(block_updates),
-        compressed_counts=tuple((b, ncmp(step.new_lengths[b])) for b in active),
-    )
-
-
 class NSAAttention(nn.Module):
     """
     Llama's attention (q/k/v/o projections, GQA, RoPE) with Native Sparse Attention as the attention function.
@@ -245,6 +165,7 @@ class NSAAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         nsa_layout: NSALayout | None = None,
+        nsa_step: NSACacheStep | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -262,7 +183,7 @@ class NSAAttention(nn.Module):
 
         if self.config._attn_implementation == NSA_ATTENTION:
             attn_output = self._nsa_forward(hidden_states, query_states, key_states, value_states, cos, sin,
-                                            past_key_values, nsa_layout)
+                                            past_key_values, nsa_layout, nsa_step)
             attn_weights = None
         else:
             # Dense mode: Llama's attention, [batch, heads, seq, head_dim].
@@ -305,16 +226,14 @@ class NSAAttention(nn.Module):
             states["win_value"] = self.win_v_proj(hidden_states).view(hidden_shape)
         return states
 
-    def _nsa_forward(self, hidden_states, query_states, key_states, value_states, cos, sin, cache, layout):
+    def _nsa_forward(self, hidden_states, query_states, key_states, value_states, cos, sin, cache, layout, step):
         config = self.config
         l, d = config.compress_block_size, config.compress_stride
         batch_size, q_len = query_states.shape[:2]
         gates = torch.sigmoid(self.gate_proj(hidden_states)).view(batch_size, q_len, self.num_heads, 3)
         states = self._branch_states(hidden_states, key_states, value_states, cos, sin)
-        sources = (("cmp_key", "cmp_value") if not config.shared_kv else ("key", "value"))
-        compressors = (("compressed_key", self.compress_key), ("compressed_value", self.compress_value))
-        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
-        nsa_kwargs = dict(
+        key_source, value_source = ("cmp_key", "cmp_value") if not config.shared_kv else ("key", "value")
+        settings = dict(
             compress_block_size=l,
             compress_stride=d,
             select_block_size=config.select_block_size,
@@ -324,66 +243,67 @@ class NSAAttention(nn.Module):
             num_local_blocks=config.num_local_blocks,
             scale=self.scaling,
         )
-        if layout is None:
-            layout = NSALayout("batched", 0, num_compressed_blocks(q_len, l, d))
-            if cache_layer is not None:
-                raise ValueError("NSAAttention needs the `nsa_layout` built by NSAModel when a cache is passed")
 
-        if layout.mode == "batched":
-            if cache_layer is not None:
-                states = cache_layer.append(states)
-            compressed = []
-            completes_blocks = cache_layer is None or layout.num_compressed_new > layout.num_compressed_old
-            for source, (name, compress) in zip(sources, compressors):
-                if completes_blocks:  # most decoding steps complete no block: no phi call then
-                    new = compress(unfold_compression_blocks(states[source][:, layout.num_compressed_old * d :], l, d))
-                if cache_layer is not None:
-                    if completes_blocks:
-                        cache_layer.write_compressed(name, new, layout.num_compressed_old)
-                    new = cache_layer.get_compressed(name, layout.num_compressed_new, like=states[source])
-                compressed.append(new)
-            return nsa_attention(
-                query_states, states["key"], states["value"], *compressed, gates,
-                k_win=states.get("win_key"), v_win=states.get("win_value"), **nsa_kwargs,
+        if cache is not None:
+            if step is None:
+                raise ValueError("NSAAttention needs the `nsa_step` built by NSAModel when a cache is passed")
+            raw, compressed = cache.update_nsa(
+                self.layer_idx, states,
+                (("compressed_key", key_source, self.compress_key),
+                 ("compressed_value", value_source, self.compress_value)),
+                step,
+            )
+            k_cmp, v_cmp = compressed["compressed_key"], compressed["compressed_value"]
+            windows = dict(k_win=raw.get("win_key"), v_win=raw.get("win_value"))
+            if step.decode:
+                return nsa_decode(query_states, raw["key"], raw["value"], k_cmp, v_cmp, gates, step.query_positions,
+                                  **windows, **settings)
+            if step.uniform:  # every row alike: the rows' first new_length columns
+                length = step.host_new_lengths[0]
+                blocks = num_compressed_blocks(length, l, d)
+                return nsa_attention(
+                    query_states, raw["key"][:, :length], raw["value"][:, :length], k_cmp[:, :blocks],
+                    v_cmp[:, :blocks], gates, **{k: v[:, :length] for k, v in windows.items() if v is not None},
+                    **settings,
+                )
+            packing = step.packing(lambda: CachedPrefill(step, l, d, query_states.device))
+            return self._packed(
+                query_states, gates, packing.query_index,
+                {name: packing.keys(raw[name]) for name in states},
+                [packing.compressed(k_cmp), packing.compressed(v_cmp)],
+                packing.cu_seqlens_q, packing.cu_seqlens_k, settings,
             )
 
-        def pack_queries(x):
-            return x.reshape(batch_size * q_len, *x.shape[2:]).index_select(0, layout.query_index).unsqueeze(0)
+        if layout is None or layout.mode == "batched":
+            compressed = [compress(unfold_compression_blocks(states[source], l, d))
+                          for source, compress in ((key_source, self.compress_key),
+                                                   (value_source, self.compress_value))]
+            return nsa_attention(
+                query_states, states["key"], states["value"], *compressed, gates,
+                k_win=states.get("win_key"), v_win=states.get("win_value"), **settings,
+            )
+        packed = {name: self._pack(x, layout.query_index) for name, x in states.items()}
+        compressed = [compress(unfold_compression_blocks(packed[source], l, d, layout.cu_seqlens))
+                      for source, compress in ((key_source, self.compress_key), (value_source, self.compress_value))]
+        return self._packed(query_states, gates, layout.query_index, packed, compressed, layout.cu_seqlens,
+                            layout.cu_seqlens, settings)
 
-        if layout.mode == "packed":
-            states = {name: pack_queries(x) for name, x in states.items()}
-            compressed = [
-                compress(unfold_compression_blocks(states[source], l, d, layout.cu_seqlens_k))
-                for source, (_, compress) in zip(sources, compressors)
-            ]
-        elif layout.mode == "cached_packed":
-            states = cache_layer.append(states)
-            compressed = []
-            for source, (name, compress) in zip(sources, compressors):
-                if layout.block_updates:
-                    pieces = [states[source][row, cols].unfold(0, l, d).movedim(-1, 1)
-                              for row, cols, _, _ in layout.block_updates]
-                    new = compress(torch.cat(pieces)).split([p.shape[0] for p in pieces])
-                    for (row, _, first, _), blocks in zip(layout.block_updates, new):
-                        cache_layer.write_compressed(name, blocks, first, row=row)
-                like = states[source]
-                per_row = [
-                    cache_layer.get_compressed(name, count, like, row=row) for row, count in layout.compressed_counts
-                ]
-                compressed.append(torch.cat(per_row or [like.new_zeros(0, *like.shape[2:])]).unsqueeze(0))
-            states = {name: x[layout.key_rows, layout.key_cols].unsqueeze(0) for name, x in states.items()}
-        else:
-            raise ValueError(f"unknown NSA layout mode {layout.mode!r}")
-        if layout.query_index.numel() == 0:  # nothing but padding in this forward
-            return query_states.new_zeros(batch_size, q_len, self.num_heads, states["value"].shape[-1])
+    @staticmethod
+    def _pack(x, query_index):
+        """`[batch, q_len, ...]` -> `[1, real tokens, ...]` in document order."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, query_index).unsqueeze(0)
 
+    def _packed(self, query_states, gates, query_index, keys, compressed, cu_seqlens_q, cu_seqlens_k, settings):
+        """NSA of the real queries as packed documents, scattered back to `[batch, q_len, heads, dim]` (padding: 0)."""
+        batch_size, q_len = query_states.shape[:2]
+        if query_index.numel() == 0:  # nothing but padding in this forward
+            return query_states.new_zeros(batch_size, q_len, self.num_heads, keys["value"].shape[-1])
         out = nsa_attention(
-            pack_queries(query_states), states["key"], states["value"], *compressed, pack_queries(gates),
-            k_win=states.get("win_key"), v_win=states.get("win_value"),
-            cu_seqlens_q=layout.cu_seqlens_q, cu_seqlens_k=layout.cu_seqlens_k, **nsa_kwargs,
+            self._pack(query_states, query_index), keys["key"], keys["value"], *compressed,
+            self._pack(gates, query_index), k_win=keys.get("win_key"), v_win=keys.get("win_value"),
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **settings,
         )[0]
-        # Scatter back; padding positions get a zero attention output.
-        full = out.new_zeros(batch_size * q_len, *out.shape[1:]).index_copy(0, layout.query_index, out)
+        full = out.new_zeros(batch_size * q_len, *out.shape[1:]).index_copy(0, query_index, out)
         return full.view(batch_size, q_len, *out.shape[1:])
 
 
@@ -436,7 +356,7 @@ class NSAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # the decoding step of an NSAStaticCache, with the kernels as custom ops
     _supports_attention_backend = False
     _can_record_outputs = {
         "hidden_states": NSADecoderLayer,
@@ -512,9 +432,9 @@ class NSAModel(NSAPreTrainedModel):
                 logger.warning_once("Caching is incompatible with gradient checkpointing: no cache is used.")
             use_cache, past_key_values = False, None
 
-        nsa_layout = None
+        nsa_layout = nsa_step = None
         if self.config._attn_implementation == NSA_ATTENTION:
-            past_key_values, position_ids, nsa_layout = self._prepare_nsa_inputs(
+            past_key_values, position_ids, nsa_layout, nsa_step = self._prepare_nsa_inputs(
                 inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, kwargs
             )
             causal_mask = None
@@ -544,6 +464,7 @@ class NSAModel(NSAPreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 nsa_layout=nsa_layout,
+                nsa_step=nsa_step,
                 **kwargs,
             )
 
@@ -551,55 +472,59 @@ class NSAModel(NSAPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: past_key_values})
 
     def _prepare_nsa_inputs(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
-        """The NSA cache, position ids and `NSALayout` of one forward."""
+        """The NSA cache, position ids, and the `NSALayout` (no cache) or `NSACacheStep` (cache) of one forward."""
         batch_size, q_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         if cache is not None and not isinstance(cache, NSACache):
             if cache.get_seq_length() > 0:
                 raise ValueError(
-                    f"NSA attention needs an NSACache, got a filled {type(cache).__name__}; pass an NSACache, or none "
-                    "(the model creates one), or run dense attention (attn_implementation='sdpa')"
+                    f"NSA attention needs an NSA cache, got a filled {type(cache).__name__}; pass an NSACache or "
+                    "NSAStaticCache, or none (the model creates one), or run dense attention (attn_implementation="
+                    "'sdpa')"
                 )
             cache = NSACache(self.config)  # an empty cache of another kind (e.g. from generate): replace it
-        past = cache.get_seq_length() if cache is not None else 0
+        # a static cache counts its tokens on the device: its steps read no host-side length
+        past = cache.get_seq_length() if cache is not None and not cache.is_static else 0
 
-        new_mask = None
+        mask = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
                 raise ValueError(
                     f"NSA attention takes a 2-D padding mask [batch, past + new tokens], got shape "
                     f"{tuple(attention_mask.shape)}; custom 4-D masks need attn_implementation='sdpa' or 'eager'"
                 )
-            if tuple(attention_mask.shape) != (batch_size, past + q_len):
+            allowed = {past + q_len} if cache is None else {past + q_len, q_len}
+            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < q_len or (
+                    not getattr(cache, "is_static", False) and attention_mask.shape[1] not in allowed):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
                     f"{(batch_size, past + q_len)}"
+                    + (f" or (batch, new tokens) = {(batch_size, q_len)}" if cache is not None else "")
                 )
-            mask = attention_mask[:, past:].to(device=device, dtype=torch.bool)
-            if not bool(mask.all()):
-                new_mask = mask
+            mask = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
 
-        packed_cu_seqlens = _packed_cu_seqlens(kwargs, position_ids, new_mask, past, batch_size, q_len, device)
-        if packed_cu_seqlens is not None:
-            if cache is not None:
-                raise ValueError("packed sequences (cu_seq_lens or restarting position_ids) cannot use a cache")
-        elif cache is None and use_cache and not (self.training and torch.is_grad_enabled()):
+        decoding = cache is not None and q_len <= MAX_DECODE_QUERIES
+        # Decoding steps take the mask as it is (no host sync); other forwards drop a mask without padding.
+        new_mask = mask if mask is not None and (decoding or not bool(mask.all())) else None
+        cu_seqlens = None
+        if not decoding:
+            cu_seqlens = packed_cu_seqlens(kwargs, position_ids, new_mask, past, batch_size, q_len, device)
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("packed sequences (cu_seq_lens or restarting position_ids) cannot use a cache")
+        if cache is None and cu_seqlens is None and use_cache and not (self.training and torch.is_grad_enabled()):
             # In training (with gradients) no cache is made unless one is passed: nothing would read it.
             cache = NSACache(self.config)
+            if new_mask is None and mask is not None and q_len <= MAX_DECODE_QUERIES:
+                new_mask = mask
 
+        if cache is not None:
+            step = cache.begin_step(new_mask, q_len, batch_size, device)
+            if position_ids is None:  # positions count each row's real tokens
+                position_ids = step.query_positions.clamp_min(0).long()
+            return cache, position_ids, None, step
         if position_ids is None:
-            padded_cache = cache is not None and cache.key_mask is not None
-            if attention_mask is not None and (new_mask is not None or padded_cache):
-                position_ids = _default_position_ids(inputs_embeds, attention_mask, past)
-            elif cache is not None and cache.real_lengths is not None:
-                starts = torch.tensor(cache.real_lengths, device=device)[:, None]
-                position_ids = starts + torch.arange(q_len, device=device)
-            else:
-                position_ids = torch.arange(past, past + q_len, device=device).unsqueeze(0)
-
-        step = cache.begin_step(new_mask, q_len, batch_size) if cache is not None else None
-        layout = build_nsa_layout(self.config, batch_size, q_len, new_mask, packed_cu_seqlens, step, device)
-        return cache, position_ids, layout
+            position_ids = _default_position_ids(inputs_embeds, attention_mask, 0)
+        return None, position_ids, build_nsa_layout(batch_size, q_len, new_mask, cu_seqlens, device), None
 
 
 def _default_position_ids(inputs_embeds, attention_mask, past_seen_tokens):
@@ -609,36 +534,6 @@ def _default_position_ids(inputs_embeds, attention_mask, past_seen_tokens):
         positions = attention_mask.long().cumsum(-1) - 1
         return positions.clamp_min(0)[:, -q_len:].to(inputs_embeds.device)
     return torch.arange(past_seen_tokens, past_seen_tokens + q_len, device=inputs_embeds.device).unsqueeze(0)
-
-
-def _packed_cu_seqlens(kwargs, position_ids, new_mask, past, batch_size, q_len, device) -> torch.Tensor | None:
-    """
-    `cu_seqlens` of packed documents over the flattened `[batch * q_len]` tokens, or None when not packed: from
-    explicit `cu_seq_lens_q` / `cu_seq_lens_k` (transformers' flash-attention kwargs), else from `position_ids` that
-    restart (transformers' `find_packed_sequence_indices`, the rule its dense masks use).
-    """
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is not None or cu_k is not None:
-        if cu_q is not None and cu_k is not None and not torch.equal(cu_q.cpu(), cu_k.cpu()):
-            raise ValueError("`cu_seq_lens_q` and `cu_seq_lens_k` must be equal: packed queries are their own keys")
-        cu = torch.unique_consecutive((cu_q if cu_q is not None else cu_k).to(device=device, dtype=torch.int32))
-        if past > 0 or new_mask is not None:
-            raise ValueError("`cu_seq_lens_q` / `cu_seq_lens_k` cannot be combined with a cache or a padding mask")
-        if int(cu[0]) != 0 or int(cu[-1]) != batch_size * q_len or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(
-                f"`cu_seq_lens_q` must rise from 0 to the number of tokens ({batch_size * q_len}), got {cu.tolist()}"
-            )
-        return cu
-    if position_ids is None or new_mask is not None or past > 0 or position_ids.dim() != 2:
-        return None
-    position_ids = position_ids.to(device).expand(batch_size, -1)
-    documents = find_packed_sequence_indices(position_ids)
-    if documents is None:
-        return None
-    starts = torch.ones(batch_size, q_len, dtype=torch.bool, device=device)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    offsets = starts.flatten().nonzero().flatten()
-    return torch.cat([offsets, offsets.new_tensor([batch_size * q_len])]).to(torch.int32)
 
 
 class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
@@ -697,7 +592,10 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """`generate` makes a DynamicCache; NSA attention swaps it for an NSACache (both transformers 5.17 and 5.24)."""
+        """
+        `generate` makes a DynamicCache, or a static cache through `_prepare_static_cache`; NSA attention swaps the
+        dynamic one for an NSACache (transformers 5.17 and 5.24 alike).
+        """
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if self.config._attn_implementation != NSA_ATTENTION:
             return
@@ -708,9 +606,32 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
             if generation_config.cache_implementation not in (None, "dynamic"):
                 logger.warning_once(
                     f"cache_implementation={generation_config.cache_implementation!r} is not available with NSA "
-                    "attention; using an NSACache"
+                    "attention; using an NSACache ('static' gives an NSAStaticCache)"
                 )
             model_kwargs[name] = NSACache(self.config)
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        """`cache_implementation="static"` with NSA attention: an `NSAStaticCache`, reused across calls while it fits."""
+        if self.config._attn_implementation != NSA_ATTENTION:
+            return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+        if "offloaded" in cache_implementation:
+            raise ValueError(f"cache_implementation={cache_implementation!r}: NSA caches do not support offloading")
+        # As transformers does: the longest length seen so far, so that a later call does not recompile the step.
+        length = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = length
+        return NSAStaticCache(self.config, max_cache_len=length)
+
+    def create_masks_for_generate(self, **kwargs):
+        """
+        With a static cache `generate` turns the 2-D padding mask into a 4-D one here. NSA attention reads only the new
+        tokens' columns of the 2-D mask: hand on those, a fixed `[batch, new tokens]` shape for compiled steps.
+        """
+        if self.config._attn_implementation != NSA_ATTENTION:
+            from transformers.masking_utils import create_masks_for_generate
+
+            return create_masks_for_generate(**kwargs)
+        mask = kwargs.get("attention_mask")
+        return mask[:, -kwargs["inputs_embeds"].shape[1] :] if mask is not None else None
 
 
 __all__ = [
@@ -721,4 +642,6 @@ __all__ = [
     "NSACompression",
     "NSAGateProjection",
     "NSALayout",
+    "NSACache",
+    "NSAStaticCache",
 ]
