@@ -11,7 +11,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "transformers>=5.17,<6",
-        "triton>=3.2",
+        "triton>=3.6,<3.10",  # tested on 3.6 (the GPU machines) through 3.9 (a fresh install)
         "safetensors",
         "huggingface_hub",
         "peft",
