@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["nsa_hf", "nsa_hf.*"]),
+    py_modules=["nsa_hf_cli"],  # the command line, outside the package so that `--help` needn't import torch
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -18,5 +19,5 @@ setup(
         "tqdm",
     ],
     extras_require={"test": ["pytest", "matplotlib"], "bench": ["matplotlib"]},
-    entry_points={"console_scripts": ["nsa-hf=nsa_hf.cli:main"]},
+    entry_points={"console_scripts": ["nsa-hf=nsa_hf_cli:main"]},
 )
