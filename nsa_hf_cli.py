@@ -10,8 +10,8 @@ line, `nsa-hf <command>: error: ...`, and exit status 2, as argparse's own error
 
 import argparse
 import logging
-import re
 import sys
+from contextlib import contextmanager
 
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
@@ -24,14 +24,17 @@ def boolean(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected one of {'/'.join(BOOLEANS)}, got {text!r}") from None
 
 
-# NSAConfig field -> (type, NSAConfig's default, what it is). tests/test_cli.py checks the defaults.
 def positive(text: str) -> int:
-    value = int(text) if re.fullmatch(r"\+?\d+", text.strip()) else 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
+# NSAConfig field -> (type, NSAConfig's default, what it is). tests/test_cli.py checks them against NSAConfig.
 NSA_FLAGS = {
     "compress_block_size": (int, 32, "tokens per compression block (the paper's l)"),
     "compress_stride": (int, 16, "tokens between the starts of two compression blocks (the paper's d); divides "
@@ -133,30 +136,34 @@ def _cli_wording(message: str) -> str:
     return message
 
 
-def _print_log_records() -> None:
-    """Show nsa_hf's log records as the command's output: information on stdout, warnings on stderr."""
+@contextmanager
+def _log_records_printed():
+    """nsa_hf's log records as the command's output: information on stdout, warnings on stderr."""
     logger = logging.getLogger("nsa_hf")
-    logger.setLevel(logging.INFO)
     info = logging.StreamHandler(sys.stdout)
     info.addFilter(lambda record: record.levelno < logging.WARNING)
     warnings = logging.StreamHandler(sys.stderr)
     warnings.setLevel(logging.WARNING)
     warnings.setFormatter(logging.Formatter("nsa-hf: warning: %(message)s"))
-    logger.handlers = [info, warnings]
-    logger.propagate = False
+    saved = logger.handlers, logger.level, logger.propagate
+    logger.handlers, logger.level, logger.propagate = [info, warnings], logging.INFO, False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.level, logger.propagate = saved
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    _print_log_records()
     from nsa_hf import cli  # torch and transformers, once the arguments are known good
 
-    try:
-        getattr(cli, args.command)(args)
-    except (ValueError, OSError) as err:
-        _fail(args.command, err, status=2)
-    except cli.VerificationError as err:
-        _fail(args.command, err, status=1)
+    with _log_records_printed():
+        try:
+            getattr(cli, args.command)(args)
+        except (ValueError, OSError) as err:
+            _fail(args.command, err, status=2)
+        except cli.VerificationError as err:
+            _fail(args.command, err, status=1)
 
 
 def _fail(command: str, err: Exception, status: int):
