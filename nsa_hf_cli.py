@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "print the loss falling and generate a few tokens. Downloads nothing.")
     p.add_argument("--steps", type=positive, default=60, metavar="N", help="training steps (default: 60)")
     p.add_argument("--batch-size", type=positive, default=8, metavar="N", help="sequences per step (default: 8)")
-    p.add_argument("--seq-len", type=positive, default=128, metavar="N", help="tokens (bytes) per sequence (default: 128)")
+    p.add_argument("--seq-len", type=positive, default=128, metavar="N",
+                   help="tokens (bytes) per sequence (default: 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 0.003)")
     p.add_argument("--new-tokens", type=positive, default=40, metavar="N",
                    help="tokens generated after training (default: 40)")
@@ -111,11 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nsa_flags(p, DEMO_NSA)
 
     p = sub.add_parser("convert", help="convert a dense Llama / Mistral / Qwen2 / Qwen3 checkpoint into an NSA one",
-                       description="Copy every dense weight of a Llama / Mistral / Qwen2 / Qwen3 checkpoint into an NSA "
-                                   "model whose NSA-only parameters start neutral: in dense mode it gives the source's "
-                                   "logits. Nothing is written unless the whole conversion succeeds.")
+                       description="Copy every dense weight of a Llama / Mistral / Qwen2 / Qwen3 checkpoint into an "
+                                   "NSA model whose NSA-only parameters start neutral: in dense mode it gives the "
+                                   "source's logits. Nothing is written unless the whole conversion succeeds.")
     p.add_argument("source", help="local folder or Hub id (owner/name) of the dense checkpoint; only read")
-    p.add_argument("output_dir", help="folder for the NSA checkpoint; written beside it and moved into place at the end")
+    p.add_argument("output_dir",
+                   help="folder for the NSA checkpoint; written beside it and moved into place at the end")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype of the converted weights (default: auto, the source's)")
     p.add_argument("--overwrite", action="store_true",

@@ -66,7 +66,7 @@ class NSAConfig(LlamaConfig):
             self.push_to_hub(repo_id, **hub)
 
     def write_model_card(self, save_directory, repo_id: str | None = None, base_model: str | None = None):
-        """Write (or extend) the model card README.md of a folder saved with this config (`hub_export.write_model_card`)."""
+        """Write, or extend, the model card (README.md) of a folder saved with this config; see `hub_export.py`."""
         return write_model_card(save_directory, self, repo_id=repo_id, base_model=base_model)
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):

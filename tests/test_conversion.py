@@ -195,7 +195,8 @@ def test_card_of_a_local_source_is_kept_and_extended(tmp_path):
 
     src, out = tmp_path / "src", tmp_path / "out"
     make_source(src, "llama")
-    (src / "README.md").write_text("---\nlicense: apache-2.0\ntags: [dense]\n---\n# Tiny Llama\n\nThe source's notes.\n")
+    card = "---\nlicense: apache-2.0\ntags: [dense]\n---\n# Tiny Llama\n\nThe source's notes.\n"
+    (src / "README.md").write_text(card)
     convert_checkpoint(src, out, **NSA_SIZES)
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "apache-2.0" and card.data.tags == ["dense", "nsa", "native-sparse-attention"]

@@ -187,10 +187,11 @@ def convert_checkpoint(
 def _resolve_source(source) -> tuple[str, bool, dict]:
     """
     (source, whether it is a local folder, the `from_pretrained` arguments for it). A source that looks like a path
-    (it exists, or starts with `.`, `/` or `~`, has more than one `/` or a `\\`, or its first part is a local folder)
-    but is not a folder raises `FileNotFoundError` at once; so does a Hub id that is not in the local cache when the
-    Hub is offline or unreachable (one quick request, instead of transformers' retries).
+    (it exists, starts with `.`, `/` or `~`, has no `/` or more than one, has a `\\`, or its first part is a local
+    folder) but is not a folder raises `FileNotFoundError` at once; so does a Hub id that is not in the local cache
+    when the Hub is offline or unreachable (one quick request, instead of transformers' retries).
     """
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.constants import is_offline_mode
     from huggingface_hub.utils import validate_repo_id
 
@@ -211,7 +212,7 @@ def _resolve_source(source) -> tuple[str, bool, dict]:
     except ValueError as err:
         raise ValueError(f"{text!r} is neither a local folder nor a valid Hub id: {err}") from None
     offline = is_offline_mode() or not _hub_reachable()
-    if offline and not isinstance(_cached_hub_file(text, "config.json"), str):
+    if offline and not isinstance(try_to_load_from_cache(text, "config.json"), str):
         reason = "offline mode is on (HF_HUB_OFFLINE)" if is_offline_mode() else "the Hub cannot be reached"
         raise FileNotFoundError(f"no such folder: {text!r}, and {reason} to look for it as a Hub id")
     return text, False, {"local_files_only": True} if offline else {}
@@ -226,12 +227,6 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     except Exception:  # any transport error: treat the Hub as unreachable
         return False
     return True
-
-
-def _cached_hub_file(repo_id: str, filename: str):
-    from huggingface_hub import try_to_load_from_cache
-
-    return try_to_load_from_cache(repo_id, filename)
 
 
 def _download_model_card(repo_id: str) -> None:
@@ -254,7 +249,9 @@ def _check_weight_files(folder: Path) -> None:
             for name, file in weight_map.items():
                 shards.setdefault(file, set()).add(name)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index_path} is not a safetensors index (a JSON object with a weight_map): {err}") from None
+            raise ValueError(
+                f"{index_path} is not a safetensors index (a JSON object with a weight_map): {err}"
+            ) from None
     elif (folder / "model.safetensors").is_file():
         shards = {"model.safetensors": None}
     else:  # no safetensors weights (e.g. pytorch_model.bin): from_pretrained reports what it finds
@@ -278,21 +275,15 @@ def _check_weight_files(folder: Path) -> None:
 
 @contextmanager
 def _staging_folder(output_dir: Path):
-    """A new folder beside `output_dir` (created like any folder, so with the umask's mode); removed on failure."""
+    """A new folder beside `output_dir` (made like any folder, so with the umask's mode); removed on failure."""
     created = next((p for p in reversed(output_dir.parents) if not p.exists()), None)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            staging.mkdir()
-            break
-        except FileExistsError:
-            continue
+    staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(4)}.tmp"
     try:
+        staging.mkdir(parents=True)
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if created is not None:  # the parent folders made above
+        if created is not None:  # and the parent folders made for it
             shutil.rmtree(created, ignore_errors=True)
         raise
 
