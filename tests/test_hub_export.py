@@ -226,3 +226,19 @@ def test_push_to_hub_over_transformers_blank_card(fake_hub, monkeypatch):
     card = fake_hub.uploaded["README.md"].decode()
     assert "automatically generated" not in card and "[More Information Needed]" not in card
     assert "## Native Sparse Attention" in card
+
+
+def test_save_pretrained_with_push_uploads_the_card(tmp_path, fake_hub, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+    import transformers.utils.hub as hub
+
+    # model.save_pretrained(push_to_hub=True) reaches the Hub through modeling_utils' own names for these
+    monkeypatch.setattr(modeling_utils, "hf_api", lambda: fake_hub)
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card",
+                        lambda *args, **kwargs: hub.ModelCard("---\nlicense: mit\n---\nWritten on the Hub.\n"))
+    model = NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES))
+    model.save_pretrained(tmp_path / "tiny-nsa", push_to_hub=True, repo_id="someone/tiny-nsa")
+    for card in (fake_hub.uploaded["README.md"].decode(), (tmp_path / "tiny-nsa" / "README.md").read_text()):
+        assert "license: mit" in card and "Written on the Hub." in card and "## Native Sparse Attention" in card
+        assert 'from_pretrained("someone/tiny-nsa")' in card
+    assert "modeling_nsa.py" in fake_hub.uploaded
