@@ -1,13 +1,18 @@
 """
-Command line. `nsa-hf demo` trains a small NSA model on built-in text and generates from it (no downloads);
-`nsa-hf convert SRC OUT` turns a dense Llama-style checkpoint into an NSA one.
+What the `nsa-hf` commands do, given their parsed arguments (the flags, their help and the error handling are in
+`nsa_hf_cli.py`, which imports this module only after parsing). `demo` trains a small NSA model on built-in text and
+generates from it (no downloads); `convert` turns a dense Llama-style checkpoint into an NSA one.
 """
 
-import argparse
 import math
 import time
 
 import torch
+from nsa_hf_cli import DEMO_NSA, NSA_FLAGS
+
+from .conversion import VerificationError, convert_checkpoint
+
+__all__ = ["demo", "convert", "VerificationError"]
 
 DEMO_TEXT = """\
 Native Sparse Attention splits the keys of every query into three views. The compressed view sums up each block of
@@ -29,20 +34,27 @@ def _byte_batches(text: str, seq_len: int, batch_size: int, steps: int, seed: in
         yield torch.stack([data[s : s + seq_len] for s in starts.tolist()])
 
 
+def _nsa_fields(args) -> dict:
+    return {name: getattr(args, name) for name in NSA_FLAGS if getattr(args, name, None) is not None}
+
+
 def demo(args) -> None:
-    import nsa_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    from nsa_hf import NSAConfig
+    from . import NSAConfig
 
-    torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    longest = len(DEMO_TEXT.encode("utf-8")) - 2
+    if args.seq_len > longest:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the demo text allows: at most {longest}")
+
+    nsa_fields = {**DEMO_NSA, **_nsa_fields(args)}
     config = NSAConfig(
         vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
-        # Small NSA blocks so that a 128-token context exercises every branch.
-        compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4, window_size=32,
+        **nsa_fields,
     )
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model = AutoModelForCausalLM.from_config(config).to(device)
     print(f"NSA model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
           f"attention={model.config._attn_implementation}")
@@ -60,8 +72,10 @@ def demo(args) -> None:
         losses.append(loss.item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {loss.item():.3f}  ({time.time() - start:.1f}s)", flush=True)
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    print(f"loss {first:.3f} -> {last:.3f} (uniform guess: {math.log(256):.3f})")
+    n = min(3, len(losses))
+    first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+    print(f"loss {first:.3f} -> {last:.3f} (means of the first and the last {n} steps; a uniform guess scores "
+          f"{math.log(256):.3f})")
     model.eval()
     prompt = "Native Sparse Attention"
     input_ids = torch.tensor([list(prompt.encode())], device=device)
@@ -76,18 +90,10 @@ def demo(args) -> None:
         raise SystemExit("the loss did not fall")
 
 
-CONVERT_FIELDS = {
-    "compress_block_size": int, "compress_stride": int, "compress_function": str, "select_block_size": int,
-    "num_selected_blocks": int, "window_size": int, "shared_kv": lambda x: x.lower() in ("1", "true", "yes"),
-}
-
-
 def convert(args) -> None:
-    from nsa_hf.conversion import convert_checkpoint
-
-    fields = {name: getattr(args, name) for name in CONVERT_FIELDS if getattr(args, name) is not None}
     model = convert_checkpoint(
-        args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify, **fields
+        args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
+        **_nsa_fields(args),
     )
     c = model.config
     print(
@@ -95,36 +101,3 @@ def convert(args) -> None:
         f"{c.num_hidden_layers} layers, {c.num_attention_heads}q/{c.num_key_value_heads}kv heads; NSA l={c.compress_block_size} "
         f"d={c.compress_stride} l'={c.select_block_size} n={c.num_selected_blocks} w={c.window_size}"
     )
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="nsa-hf", description="Native Sparse Attention for Hugging Face Transformers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train a small NSA model on built-in text for a few steps, then generate")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--new-tokens", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU is present")
-    p.add_argument("--save", default=None, help="folder to save the trained model to")
-    p.set_defaults(func=demo)
-
-    p = sub.add_parser("convert", help="convert a dense Llama / Mistral / Qwen2 / Qwen3 checkpoint into an NSA one")
-    p.add_argument("source", help="local folder or Hub id of the dense checkpoint (only read)")
-    p.add_argument("output_dir", help="folder for the NSA checkpoint (written in one move at the end)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    p.add_argument("--verify", action="store_true",
-                   help="check before writing that dense-mode logits equal the source's (loads the source twice)")
-    for field, kind in CONVERT_FIELDS.items():
-        p.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None,
-                       help="NSAConfig field (default: the paper's value)")
-    p.set_defaults(func=convert)
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

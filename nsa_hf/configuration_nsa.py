@@ -5,7 +5,7 @@ import os
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from .hub_export import AUTO_MAP, write_remote_code
+from .hub_export import AUTO_MAP, write_model_card, write_remote_code
 
 COMPRESS_FUNCTIONS = ("mlp", "mean")
 
@@ -35,6 +35,9 @@ class NSAConfig(LlamaConfig):
     """
 
     model_type = "nsa_hf"
+    # No tensor-parallel plan (README, "Design notes"): Llama's would shard the tied embeddings without `lm_head` and
+    # leave out the NSA-only weights, and NSA attention is written for all heads of a layer on one device.
+    base_model_tp_plan = None
 
     compress_block_size: int = 32
     compress_stride: int = 16
@@ -50,16 +53,26 @@ class NSAConfig(LlamaConfig):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """
         Save config.json and, beside it, the NSA code as flat files with an `auto_map`, so the folder (or the Hub repo
-        it is pushed to) loads with `trust_remote_code=True` where nsa-hf is not installed (see `hub_export.py`).
-        A model's `save_pretrained` / `push_to_hub` save their config through here.
+        it is pushed to) loads with `trust_remote_code=True` where nsa-hf is not installed, and a model card
+        (README.md; see `hub_export.py`). A model's `save_pretrained` / `push_to_hub` save their config through here.
         """
         self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
         super().save_pretrained(save_directory, **kwargs)
         write_remote_code(save_directory)
+        self.write_model_card(save_directory)
         if push_to_hub:  # the parent's own upload would start before the code files exist: upload everything here
             repo_id = kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
             hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
             self.push_to_hub(repo_id, **hub)
+
+    def write_model_card(self, save_directory, repo_id: str | None = None, base_model: str | None = None):
+        """Write, or extend, the model card (README.md) of a folder saved with this config; see `hub_export.py`."""
+        return write_model_card(save_directory, self, repo_id=repo_id, base_model=base_model)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # transformers has just written the Hub's card, or its blank template, over ours: extend that one
+        self.write_model_card(working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

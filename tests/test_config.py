@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,3 +94,28 @@ def test_auto_classes_after_plain_import_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([1, 20, 128])" in result.stdout
+
+
+def _sharded(name: str, plan: dict) -> bool:
+    """Whether a rule of a transformers TP plan (`*` standing for a layer number) applies to parameter `name`."""
+    module = name.rsplit(".", 1)[0]
+    rules = [re.compile(re.escape(rule).replace(r"\*", r"\d+")) for rule in plan]
+    return any(rule.fullmatch(module) or rule.fullmatch(name) for rule in rules)
+
+
+def test_no_tensor_parallel_plan_so_tied_weights_are_never_split_apart():
+    # What transformers' common test_tied_weights_are_sharded_together checks, for every NSA parameter there is.
+    from nsa_hf import NSAForCausalLM
+
+    assert NSAConfig.base_model_tp_plan is None
+    model = NSAForCausalLM(NSAConfig(**TINY, shared_kv=False, use_qk_norm=True, tie_word_embeddings=True))
+    assert model.tp_plan == {}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for target, source in model._tied_weights_keys.items():
+        assert _sharded(target, model.tp_plan) == _sharded(source, model.tp_plan), (target, source)
+    assert not [name for name, _ in model.named_parameters() if _sharded(name, model.tp_plan)]
+    if hasattr(model, "_resolve_parallel_plans"):  # transformers >= 5.2x: tp_size > 1 is refused, naming the plan
+        from transformers.distributed import DistributedConfig
+
+        with pytest.raises(ValueError, match="has no `tp_plan`"):
+            model._resolve_parallel_plans(DistributedConfig(tp_size=2))

@@ -6,6 +6,10 @@ conversion leaves nothing behind.
 
 import hashlib
 import logging
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,9 +30,9 @@ from transformers import (
 
 import nsa_hf  # noqa: F401
 from nsa_hf import NSAForCausalLM
-from nsa_hf.cli import main as cli_main
 from nsa_hf.conversion import convert_checkpoint, nsa_config_from_dense
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = {
     "llama": (LlamaForCausalLM, LlamaConfig, {}),
     "llama_bias": (LlamaForCausalLM, LlamaConfig, dict(attention_bias=True)),
@@ -86,16 +90,6 @@ def test_nsa_parameters_start_neutral(tmp_path):
             assert torch.equal(getattr(attn, f"{branch}_v_proj").bias, attn.v_proj.bias)
     assert model.config.attention_bias and not model.config.use_qk_norm
     assert nsa_config_from_dense(Qwen3Config(**DIMS)).use_qk_norm
-
-
-def test_cli_convert(tmp_path, capsys):
-    src, out = tmp_path / "src", tmp_path / "out"
-    make_source(src, "llama")
-    cli_main(["convert", str(src), str(out), "--window-size", "16", "--compress-block-size", "8", "--compress-stride",
-              "4", "--select-block-size", "16", "--num-selected-blocks", "4", "--dtype", "float32", "--verify"])
-    assert "wrote" in capsys.readouterr().out
-    config = AutoModelForCausalLM.from_pretrained(out).config
-    assert (config.window_size, config.compress_block_size, config.num_selected_blocks) == (16, 8, 4)
 
 
 def test_refuses_bad_inputs_without_writing(tmp_path):
@@ -170,3 +164,62 @@ def test_verify_catches_a_wrong_conversion_before_writing(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="differs from .* in dense mode"):
         convert_checkpoint(src, out, verify=True, **NSA_SIZES)
     assert not out.exists()
+
+
+def test_failed_conversion_removes_the_parent_folders_it_made(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_source(src, "llama")
+    monkeypatch.setattr(NSAForCausalLM, "save_pretrained", lambda self, folder, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        convert_checkpoint(src, tmp_path / "new" / "deeper" / "out", **NSA_SIZES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_converted_folder_has_the_modes_of_the_umask(tmp_path, umask):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_source(src, "llama")
+    previous = os.umask(umask)
+    try:
+        convert_checkpoint(src, out, **NSA_SIZES)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_nsa.py", "README.md"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_card_of_a_local_source_is_kept_and_extended(tmp_path):
+    from huggingface_hub import ModelCard
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_source(src, "llama")
+    card = "---\nlicense: apache-2.0\ntags: [dense]\n---\n# Tiny Llama\n\nThe source's notes.\n"
+    (src / "README.md").write_text(card)
+    convert_checkpoint(src, out, **NSA_SIZES)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.tags == ["dense", "nsa", "native-sparse-attention"]
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model is None  # a local folder names no Hub model
+    assert card.text.startswith("# Tiny Llama\n\nThe source's notes.\n") and "## Native Sparse Attention" in card.text
+    assert 'from_pretrained("out", trust_remote_code=True)' in card.text
+
+
+def test_a_cached_hub_id_converts_offline_and_is_the_card_s_base_model(tmp_path):
+    # The Hub cache's layout: models--owner--name/{refs/main, snapshots/<commit>/<files>}
+    cache, commit = tmp_path / "hub", "0" * 40
+    snapshot = cache / "models--someone--tiny-llama" / "snapshots" / commit
+    make_source(snapshot, "llama")
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\nThe Hub card.\n")
+    (cache / "models--someone--tiny-llama" / "refs").mkdir()
+    (cache / "models--someone--tiny-llama" / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in NSA_SIZES.items()]
+    result = subprocess.run([sys.executable, "-m", "nsa_hf_cli", "convert", "someone/tiny-llama", str(tmp_path / "out"),
+                             "--verify", *flags], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max |difference| = 0 (must be 0)" in result.stdout
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: someone/tiny-llama" in card and "license: mit" in card and "The Hub card." in card

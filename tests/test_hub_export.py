@@ -7,6 +7,7 @@ one where it works, each with its own transformers module cache.
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -158,3 +159,86 @@ def test_config_save_pretrained_with_push_uploads_the_code(tmp_path, fake_hub):
     NSAConfig(**DIMS, **NSA_SIZES).save_pretrained(tmp_path, push_to_hub=True, repo_id="someone/tiny-nsa-config")
     assert json.loads(fake_hub.uploaded["config.json"])["auto_map"] == AUTO_MAP
     assert "configuration_nsa.py" in fake_hub.uploaded and "modeling_nsa.py" in fake_hub.uploaded
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_written_for_the_hub_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES)).save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    ours = [p for p in (tmp_path / "model").iterdir() if p.suffix == ".py" or p.name == "README.md"]
+    assert len(ours) > 5
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in ours} == {p.name: 0o666 & ~umask for p in ours}
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask
+
+
+def test_saved_folder_has_a_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES, shared_kv=False)).save_pretrained(tmp_path / "tiny-nsa")
+    card = ModelCard.load(tmp_path / "tiny-nsa" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["nsa", "native-sparse-attention"]
+    assert "import nsa_hf" in card.text and 'from_pretrained("tiny-nsa")' in card.text
+    assert 'from_pretrained("tiny-nsa", trust_remote_code=True)' in card.text
+    assert "| `window_size` | w | `16` |" in card.text and "| `shared_kv` |  | `False` |" in card.text
+    assert "arXiv:2502.11089" in card.text and "@article{yuan2025native" in card.text
+
+
+def test_an_existing_card_is_kept_and_extended_once(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# My model\n\nMy notes.\n")
+    model = NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES))
+    model.save_pretrained(folder)
+    model.config.window_size = 32
+    model.save_pretrained(folder)  # again: the NSA part is rewritten, not repeated
+    text = (folder / "README.md").read_text()
+    assert "license: apache-2.0" in text and "- en" in text and text.count("- nsa\n") == 1
+    assert "# My model\n\nMy notes.\n" in text and text.count("## Native Sparse Attention") == 1
+    assert "| `window_size` | w | `32` |" in text
+    # a model loaded from that folder and saved elsewhere carries the card along
+    NSAForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "copy")
+    assert "My notes." in (tmp_path / "copy" / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_card_extending_the_hub_s_own(fake_hub, monkeypatch):
+    import transformers.utils.hub as hub
+
+    monkeypatch.setattr(hub, "create_and_tag_model_card",
+                        lambda *args, **kwargs: hub.ModelCard("---\nlicense: mit\n---\nWritten on the Hub.\n"))
+    NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES)).push_to_hub("someone/tiny-nsa")
+    card = fake_hub.uploaded["README.md"].decode()
+    assert "license: mit" in card and "Written on the Hub." in card and "- native-sparse-attention" in card
+    assert 'from_pretrained("someone/tiny-nsa", trust_remote_code=True)' in card
+
+
+def test_push_to_hub_over_transformers_blank_card(fake_hub, monkeypatch):
+    import transformers.utils.hub as hub
+
+    blank = hub.ModelCard.from_template(hub.ModelCardData(library_name="transformers"), model_description=(
+        "This is the model card of a 🤗 transformers model that has been pushed on the Hub. This model card has been "
+        "automatically generated."))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: blank)
+    NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES)).push_to_hub("someone/tiny-nsa")
+    card = fake_hub.uploaded["README.md"].decode()
+    assert "automatically generated" not in card and "[More Information Needed]" not in card
+    assert "## Native Sparse Attention" in card
+
+
+def test_save_pretrained_with_push_uploads_the_card(tmp_path, fake_hub, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+    import transformers.utils.hub as hub
+
+    # model.save_pretrained(push_to_hub=True) reaches the Hub through modeling_utils' own names for these
+    monkeypatch.setattr(modeling_utils, "hf_api", lambda: fake_hub)
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card",
+                        lambda *args, **kwargs: hub.ModelCard("---\nlicense: mit\n---\nWritten on the Hub.\n"))
+    model = NSAForCausalLM(NSAConfig(**DIMS, **NSA_SIZES))
+    model.save_pretrained(tmp_path / "tiny-nsa", push_to_hub=True, repo_id="someone/tiny-nsa")
+    for card in (fake_hub.uploaded["README.md"].decode(), (tmp_path / "tiny-nsa" / "README.md").read_text()):
+        assert "license: mit" in card and "Written on the Hub." in card and "## Native Sparse Attention" in card
+        assert 'from_pretrained("someone/tiny-nsa")' in card
+    assert "modeling_nsa.py" in fake_hub.uploaded

@@ -363,6 +363,11 @@ class NSAPreTrainedModel(PreTrainedModel):
         "attentions": NSAAttention,
     }
 
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # push_to_hub has just written the Hub's model card (or a blank one) over ours: extend that card
+        self.config.write_model_card(working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """NSA unless dense attention (`"sdpa"`, `"eager"`) is requested explicitly."""
         if requested_attention is None or requested_attention == NSA_ATTENTION:
