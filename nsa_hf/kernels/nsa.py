@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._geometry import geometry
+from ._tiling import SWITCHES
 from .compressed import compressed_attention_bwd, compressed_attention_fwd
 from .selected import selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks
@@ -108,7 +110,7 @@ def _fork(x):
     math while the selection branch is bound by gathers of K/V blocks, so the two overlap on the GPU. None (no
     overlap) on CPU, during CUDA-graph capture, or with NSA_HF_STREAMS=0.
     """
-    if not x.is_cuda or os.environ.get("NSA_HF_STREAMS", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if not x.is_cuda or not SWITCHES.streams or torch.cuda.is_current_stream_capturing():
         return None
     side = _SIDE_STREAMS.get(x.device)
     if side is None:
@@ -141,10 +143,11 @@ class NSAAttentionFunction(torch.autograd.Function):
         shared_win = k_win is None
         kw, vw = (k, v) if shared_win else (k_win, v_win)
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        geo = geometry(q, k.shape[1], cu_q, cu_k)
         side = _fork(q)
         with _on(side):
-            o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale=scale, **varlen)
-        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale=scale, num_keys=k.shape[1], **varlen)
+            o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale, geo)
+        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale, geo)
         block_indices = select_blocks(
             q, k_cmp, lse_cmp, l, d, lp, n, num_initial, num_local, scale=scale, num_keys=k.shape[1], **varlen
         )
@@ -158,7 +161,7 @@ class NSAAttentionFunction(torch.autograd.Function):
             q, k, v, k_cmp, v_cmp, gates, kw, vw, cu_q, cu_k, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
             block_indices,
         )
-        ctx.settings = (l, d, lp, w, scale, shared_win)
+        ctx.settings = (l, d, lp, w, scale, shared_win, geo)
         ctx.mark_non_differentiable(block_indices)
         return out, block_indices
 
@@ -166,16 +169,14 @@ class NSAAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _unused):
         (q, k, v, k_cmp, v_cmp, gates, kw, vw, cu_q, cu_k, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
          block_indices) = ctx.saved_tensors
-        l, d, lp, w, scale, shared_win = ctx.settings
+        l, d, lp, w, scale, shared_win, geo = ctx.settings
         varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
         # No side stream here: on an H100 (paper layout, 64k) the overlapped backward measured 6 ms slower, while the
         # overlapped forward gains about 1 ms (benchmarks/results/logs/bench_side_stream_h100.log).
-        dq_win, dk_win, dv_win = window_attention_bwd(
-            do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
-        )
+        dq_win, dk_win, dv_win = window_attention_bwd(do_win, q, kw, vw, None, lse_win, w, scale, geo, delta=deltas[2])
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
-            do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], delta=deltas[0], **varlen
+            do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale, geo, delta=deltas[0]
         )
         dq_slc, dk, dv = selected_attention_bwd(
             do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k, delta=deltas[1]

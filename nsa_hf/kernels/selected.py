@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import DECODE_ROWS, attention_delta, choose_configs
+from ._tiling import DECODE_ROWS, choose_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -598,6 +598,25 @@ def _dkdv_kernel(
             tl.atomic_add(DKA + base_k + d2[None, :], dk2 * scale, mask=kmask2, sem="relaxed")
 
 
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T, H,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < T * H
+    t = (r // H).to(tl.int64)
+    h = (r % H).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = r_ok[:, None] & (d[None, :] < DV)
+    o = tl.load(O + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :], mask=m, other=0.0)
+    do = tl.load(DO + b * stride_dob + t[:, None] * stride_dot + h[:, None] * stride_doh + d[None, :], mask=m, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * T * H + r, delta, mask=r_ok)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------------------
@@ -935,6 +954,22 @@ def _reverse_index(pk: _Packed, seg: int):
         blk_off=blk_off32, pos=pos, nsb=nsb, nbuckets=nbuckets, num_items=num_items, order=order,
         valid=valid.flatten(),
     )
+
+
+def attention_delta(o, do):
+    """delta = rowsum(dO * O) in float32, `[B, T, H]` (the softmax-backward correction term)."""
+    B, T, H, DV = o.shape
+    delta = torch.empty(B, T, H, dtype=torch.float32, device=o.device)
+    if B * T * H == 0:
+        return delta
+    o, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (o, do))
+    block_d = max(16, _next_pow2(DV))
+    block_r = max(1, min(64, 8192 // block_d))
+    _delta_kernel[(triton.cdiv(T * H, block_r), B)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, H,
+        DV=DV, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    return delta
 
 
 def _default_dq_mode(G: int) -> str:

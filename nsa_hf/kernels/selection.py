@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
-from ._attention_common import DECODE_ROWS, choose_configs
+from ._tiling import DECODE_ROWS, choose_configs
 from .utils import compressed_cu_seqlens
 
 _LOG2E = 1.4426950408889634
