@@ -7,7 +7,7 @@ the switches that change that, read once from the environment or set through the
 import pytest
 import triton
 
-from nsa_hf.kernels import _tiling, band_attention, selected, selection
+from nsa_hf.kernels import _tiling, band_attention, selected_tiles, selection
 from nsa_hf.kernels._tiling import Switches, override
 
 BAND_CANDIDATES = [
@@ -42,8 +42,8 @@ def test_selection_times_every_candidate_for_training_lengths_only():
 
 def test_selected_forward_decoding_is_not_timed():
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    assert len(selected._prune(configs, {}, DECODE=False)) == 4
-    assert selected._prune(configs, {}, DECODE=True) == configs[:1]
+    assert len(selected_tiles.prune(configs, {}, DECODE=False)) == 4
+    assert selected_tiles.prune(configs, {}, DECODE=True) == configs[:1]
 
 
 def test_switches_override_the_autotuner():

@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from nsa_hf.kernels import compressed_cu_seqlens, nsa_attention, unfold_compression_blocks
-from nsa_hf.kernels.nsa import nsa_attention_triton
+from nsa_hf.kernels import _tiling, compressed_cu_seqlens, nsa_attention, unfold_compression_blocks
+from nsa_hf.kernels._tiling import override
 from nsa_hf.kernels.reference import nsa_attention_ref
+
+
+def nsa_attention_triton(*args, **kwargs):
+    """The seam with the Triton backend: on CPU tensors it runs in Triton's interpreter (TRITON_INTERPRET=1)."""
+    return nsa_attention(*args, backend="triton", **kwargs)
 
 SMALL = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4, window_size=24)
 
@@ -46,11 +51,11 @@ def test_triton_matches_reference_interpreter(HQ, HKV, T):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_with_forward_by_block_matches_reference_interpreter(monkeypatch):
-    """NSA_HF_SELECTED_FWD=by_block: the key-centric selected forward inside the full autograd path."""
-    monkeypatch.setenv("NSA_HF_SELECTED_FWD", "by_block")
+def test_triton_with_forward_by_block_matches_reference_interpreter():
+    """override(selected_fwd="by_block"): the key-centric selected forward inside the full autograd path."""
     q, k, v, gates, do = _inputs(2, 37, 8, 2, 16, 16, torch.float32, "cpu", seed=5)
-    got = _run(nsa_attention_triton, q, k, v, gates, do, SMALL)
+    with override(selected_fwd="by_block"):
+        got = _run(nsa_attention_triton, q, k, v, gates, do, SMALL)
     ref = _run(nsa_attention_ref, q, k, v, gates, do, SMALL)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), got, ref):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
@@ -67,12 +72,13 @@ def test_triton_varlen_matches_reference_interpreter():
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_backend_reference_on_cpu_and_triton_refused_on_cpu():
+def test_backend_reference_on_cpu_and_triton_refused_on_cpu(monkeypatch):
     q, k, v, gates, _ = _inputs(1, 40, 4, 2, 16, 16, torch.float32, "cpu")
     k_cmp = unfold_compression_blocks(k, 8, 4).mean(2)
     v_cmp = unfold_compression_blocks(v, 8, 4).mean(2)
     out = nsa_attention(q, k, v, k_cmp, v_cmp, gates, **SMALL)
     torch.testing.assert_close(out, nsa_attention_ref(q, k, v, k_cmp, v_cmp, gates, **SMALL))
+    monkeypatch.setattr(_tiling, "INTERPRET", False)  # without the interpreter, CPU tensors cannot take Triton
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         nsa_attention(q, k, v, k_cmp, v_cmp, gates, backend="triton", **SMALL)
     with pytest.raises(ValueError, match="backend"):

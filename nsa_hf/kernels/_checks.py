@@ -47,9 +47,13 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
 
 def check_kernel_inputs(*tensors: torch.Tensor) -> None:
     """The op-level public functions run the Triton kernels directly: refuse what they do not cover."""
+    from ._tiling import INTERPRET  # imports triton, which the seam and the reference do not need
+
     reason = unsupported_reason(*tensors)
     if reason is not None:
         raise ValueError(reason)
+    if not tensors[0].is_cuda and not INTERPRET:
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {tensors[0].device}")
 
 
 def check_packing(q, cu_seqlens_q, cu_seqlens_k) -> None:
