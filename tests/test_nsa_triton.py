@@ -129,3 +129,41 @@ def test_triton_separate_window_kv_matches_reference_interpreter():
 
     for name, a, b in zip(("out", "dq", "dk", "dv", "dgates", "dk_win", "dv_win"), run(nsa_attention_triton), run(nsa_attention_ref)):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_call_reads_the_offsets_once(monkeypatch):
+    """
+    A packed step reads `cu_seqlens` on the host once (the first compression of the first layer): later layers, their
+    kernels and every backward build nothing from the offsets again. Counted on CPU tensors through the conversions
+    that sync with a GPU (tolist, item, bool/int/float of a tensor, cpu, numpy) made from nsa-hf's own code.
+    """
+    import os
+    import sys
+
+    import nsa_hf
+
+    package = os.path.dirname(nsa_hf.__file__)
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                reads.append(f"{name} at {caller[len(package):]}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    lengths = [50, 7, 81]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, gates, do = _inputs(1, sum(lengths), 8, 2, 16, 16, torch.float32, "cpu", seed=4)
+    for layer in range(2):
+        k_cmp = unfold_compression_blocks(k, 8, 4, cu).mean(2)
+        v_cmp = unfold_compression_blocks(v, 8, 4, cu).mean(2)
+        out = nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, cu_seqlens_q=cu, cu_seqlens_k=cu, **SMALL)
+        out.backward(do)
+        assert len(reads) == 1, reads  # the first layer's first look at the offsets, nothing after it

@@ -20,7 +20,8 @@ def check_qkv(q, k, v, name_k: str = "k", name_v: str = "v") -> None:
     """q `[B, Tq, HQ, DK]`, k `[B, Tk, HKV, DK]`, v `[B, Tk, HKV, DV]` on one device, HQ a multiple of HKV."""
     for name, x in (("q", q), (name_k, k), (name_v, v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"`{name}` must be a 4-D [batch, seq, heads, dim] tensor, got {getattr(x, 'shape', type(x))}")
+            got = getattr(x, "shape", type(x))
+            raise ValueError(f"`{name}` must be a 4-D [batch, seq, heads, dim] tensor, got {got}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"{name_k} {tuple(k.shape)} and {name_v} {tuple(v.shape)} must agree on batch, seq and heads")
     if q.shape[0] != k.shape[0]:
@@ -53,7 +54,7 @@ def check_kernel_inputs(*tensors: torch.Tensor) -> None:
     if reason is not None:
         raise ValueError(reason)
     if not tensors[0].is_cuda and not INTERPRET:
-        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {tensors[0].device}")
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {tensors[0].device}")
 
 
 def check_packing(q, cu_seqlens_q, cu_seqlens_k) -> None:

@@ -41,8 +41,6 @@ Design (FlashAttention-2 style, written for H100 / bf16):
 Nothing of size T x T or T x Nc is ever allocated.
 """
 
-import os
-
 from contextlib import nullcontext
 
 import torch

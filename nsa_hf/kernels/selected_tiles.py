@@ -232,7 +232,9 @@ def _fwd_kernel(
 
 
 
-@triton.autotune(configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE)
+@triton.autotune(
+    configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE
+)
 @triton.jit
 def _dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,

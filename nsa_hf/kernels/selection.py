@@ -407,7 +407,9 @@ def _fixed_tile(g_pad: int, n_pad: int, max_q: int, num_sel: int, on_gpu: bool) 
     if forced is not None:
         tile = {"ROWS": forced["ROWS"], "BS": forced["BS"]}
         if tile["ROWS"] < max(16, g_pad) or tile["BS"] < max(16, n_pad):
-            raise ValueError(f"selection_tile {forced} needs ROWS >= max(16, G_PAD={g_pad}) and BS >= max(16, N_PAD={n_pad})")
+            raise ValueError(
+                f"selection_tile {forced} needs ROWS >= max(16, G_PAD={g_pad}) and BS >= max(16, N_PAD={n_pad})"
+            )
     elif on_gpu:
         tile = {"ROWS": max(16, g_pad), "BS": max(16, n_pad)}
     else:
@@ -564,7 +566,9 @@ def select_blocks(
     check_block_sizes(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                       num_initial_blocks, num_local_blocks)
     if q.dim() != 4 or k_cmp.dim() != 4:
-        raise ValueError(f"q and k_cmp must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k_cmp.shape)}")
+        raise ValueError(
+            f"q and k_cmp must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k_cmp.shape)}"
+        )
     B, Tq, HQ, DK = q.shape
     HKV = k_cmp.shape[2]
     if HKV < 1 or HQ % HKV != 0:

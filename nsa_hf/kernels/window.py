@@ -2,8 +2,8 @@
 Sliding-window attention (the `win` branch of NSA) in Triton: the query at position t sees keys t - w + 1 .. t.
 
 Same conventions as `nsa_hf.kernels.reference.window_attention_ref`: layout `[batch, seq, heads, dim]`, GQA with query
-head h reading KV head h // (HQ // HKV), queries are the last Tq of the Tk key positions (bottom-right alignment), packed
-documents through `cu_seqlens_q` / `cu_seqlens_k` (batch 1). The kernels are the band kernels (`band_attention.py`,
+head h reading KV head h // (HQ // HKV), queries are the last Tq of the Tk key positions (bottom-right alignment),
+packed documents through `cu_seqlens_q` / `cu_seqlens_k` (batch 1). The kernels are the band kernels (`band_attention.py`,
 `band_attention_bwd.py`) with key_stride 1, key_end 0 and a window: only the O(w) neighbouring key tiles of a query tile
 are visited, forward and backward.
 """
