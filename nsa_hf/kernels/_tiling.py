@@ -90,31 +90,19 @@ class Switches:
 SWITCHES = Switches.from_environ()
 
 
-def _one_of(*allowed):
+def _knob(accept, what):
+    """A knob's check: `accept(value)` or raise a ValueError naming the knob and what it takes."""
+
     def check(name, value):
-        if value is not None and value not in allowed:
-            raise ValueError(f"`{name}` must be one of {allowed} or None, got {value!r}")
+        if not accept(value):
+            raise ValueError(f"`{name}` must be {what}, got {value!r}")
         return value
 
     return check
 
 
-def _positive(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
-    return value
-
-
-def _flag(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}")
-    return value
-
-
-def _index(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"`{name}` must be an int >= 0 or None, got {value!r}")
-    return value
+def _int_from(minimum):
+    return lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum)
 
 
 def _selection_tile(name, value):
@@ -133,13 +121,15 @@ def _band_tiles(name, value):
     return value
 
 
+_flag = _knob(lambda v: isinstance(v, bool), "True or False")
+_positive = _knob(_int_from(1), "a positive int or None")
 _KNOBS = {
     "autotune": _flag,
-    "config_index": _index,
+    "config_index": _knob(_int_from(0), "an int >= 0 or None"),
     "streams": _flag,
-    "selected_fwd": _one_of("tiled", "by_block"),
-    "selected_dq": _one_of("fused", "tiled"),
-    "selected_block_m": _one_of(16, 32, 64, 128),
+    "selected_fwd": _knob(lambda v: v in (None, "tiled", "by_block"), "'tiled', 'by_block' or None"),
+    "selected_dq": _knob(lambda v: v in (None, "fused", "tiled"), "'fused', 'tiled' or None"),
+    "selected_block_m": _knob(lambda v: v in (None, 16, 32, 64, 128), "one of 16, 32, 64, 128 or None"),
     "selected_segment_rows": _positive,
     "selection_splits": _positive,
     "selection_tile": _selection_tile,
