@@ -120,6 +120,79 @@ def _key_ranges(p_first, p_last, n_keys, window, key_stride, key_end, BLOCK_N: t
     return lo_a, end_a, full_lo, full_hi, hi
 
 
+@triton.jit
+def _query_tile(offs_m, tile, hc, q_len, k_len, G: tl.constexpr, HG: tl.constexpr, BLOCK_T: tl.constexpr):
+    """
+    GQA packing of a query tile (rows `offs_m`): row r is query i_q = tile*BLOCK_T + r // HG of the document, head
+    g = hc*HG + r % HG of the group. Returns (row_ok, pos, p_first, p_last, i_q, g): the rows' validity and positions,
+    the tile's first and last position, the rows' query and head in the group.
+    """
+    t_loc = offs_m // HG
+    g = hc * HG + offs_m % HG
+    i_q = tile * BLOCK_T + t_loc
+    row_ok = (t_loc < BLOCK_T) & (i_q < q_len) & (g < G)
+    shift = k_len - q_len
+    pos = i_q + shift
+    p_first = tile * BLOCK_T + shift
+    p_last = tl.minimum(tile * BLOCK_T + BLOCK_T, q_len) - 1 + shift
+    return row_ok, pos, p_first, p_last, i_q, g
+
+
+@triton.jit
+def _load_pieces(ptrs, offs1, offs2, ok, HAS2: tl.constexpr):
+    """The two head-dim pieces of `[rows, :]` tiles at `ptrs` (rows with `ok` false read 0); the first twice if one."""
+    x1 = tl.load(ptrs + offs1[None, :], mask=ok[:, None], other=0.0)
+    x2 = x1
+    if HAS2:
+        x2 = tl.load(ptrs + offs2[None, :], mask=ok[:, None], other=0.0)
+    return x1, x2
+
+
+@triton.jit
+def _load_keys(ptrs, ok, MASKED: tl.constexpr):
+    """A `[keys, :]` tile; edge tiles mask the keys past the end."""
+    if MASKED:
+        x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _scores(q1, q2, k_ptrs, offs_dk1, offs_dk2, col_ok, MASKED: tl.constexpr, BLOCK_DK2: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """S = Q K^T of one key tile over both head-dim pieces; returns (S, K piece 1, K piece 2 or piece 1)."""
+    k1 = _load_keys(k_ptrs + offs_dk1[None, :], col_ok, MASKED)
+    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+    k2 = k1
+    if BLOCK_DK2 > 0:
+        k2 = _load_keys(k_ptrs + offs_dk2[None, :], col_ok, MASKED)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+    return s, k1, k2
+
+
+@triton.jit
+def _visible(cols, pos, col_ok, window, key_stride, key_end, WINDOWED: tl.constexpr):
+    """[rows, keys] visibility: key j ends at e(j) = j * key_stride + key_end <= pos (and > pos - window)."""
+    e = cols * key_stride + key_end
+    vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
+    if WINDOWED:
+        vis = vis & (e[None, :] > pos[:, None] - window)
+    return vis
+
+
+@triton.jit
+def _mask_edge(x, start_n, cols, pos, col_ok, window, key_stride, key_end, full_lo, full_hi, FILL: tl.constexpr,
+               MODE: tl.constexpr, WINDOWED: tl.constexpr):
+    """`x` with the invisible entries set to FILL on edge tiles: MODE 1 always, MODE 2 when outside [full_lo, full_hi)."""
+    if MODE == 1:
+        x = tl.where(_visible(cols, pos, col_ok, window, key_stride, key_end, WINDOWED), x, FILL)
+    elif MODE == 2:
+        if (start_n < full_lo) | (start_n >= full_hi):
+            x = tl.where(_visible(cols, pos, col_ok, window, key_stride, key_end, WINDOWED), x, FILL)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,46 +213,18 @@ def _fwd_step(
     cols = start_n + offs_n
     k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kt
     v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vt
-    if MASKED:
-        col_ok = cols < n_keys
-        k1 = tl.load(k_ptrs + offs_dk1[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        k1 = tl.load(k_ptrs + offs_dk1[None, :])
-    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    if BLOCK_DK2 > 0:
-        if MASKED:
-            k2 = tl.load(k_ptrs + offs_dk2[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k2 = tl.load(k_ptrs + offs_dk2[None, :])
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
-    s = s * qk_scale
-    if MODE == 1:
-        e = cols * key_stride + key_end
-        vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
-        if WINDOWED:
-            vis = vis & (e[None, :] > pos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
-    elif MODE == 2:
-        if (start_n < full_lo) | (start_n >= full_hi):
-            e = cols * key_stride + key_end
-            vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
-            if WINDOWED:
-                vis = vis & (e[None, :] > pos[:, None] - window)
-            s = tl.where(vis, s, float("-inf"))
+    col_ok = cols < n_keys
+    s, _, _ = _scores(q1, q2, k_ptrs, offs_dk1, offs_dk2, col_ok, MASKED, BLOCK_DK2, DOT_PREC)
+    s = _mask_edge(s * qk_scale, start_n, cols, pos, col_ok, window, key_stride, key_end, full_lo, full_hi,
+                   float("-inf"), MODE, WINDOWED)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v1 = tl.load(v_ptrs + offs_dv1[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        v1 = tl.load(v_ptrs + offs_dv1[None, :])
+    v1 = _load_keys(v_ptrs + offs_dv1[None, :], col_ok, MASKED)
     acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
     if BLOCK_DV2 > 0:
-        if MASKED:
-            v2 = tl.load(v_ptrs + offs_dv2[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            v2 = tl.load(v_ptrs + offs_dv2[None, :])
+        v2 = _load_keys(v_ptrs + offs_dv2[None, :], col_ok, MASKED)
         acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=DOT_PREC)
     return acc1, acc2, m_new, l_i
 
@@ -218,25 +263,12 @@ def _band_fwd_kernel(
     offs_dk2 = BLOCK_DK1 + tl.arange(0, BLOCK_DK2 if BLOCK_DK2 > 0 else 16)
     offs_dv1 = tl.arange(0, BLOCK_DV1)
     offs_dv2 = BLOCK_DV1 + tl.arange(0, BLOCK_DV2 if BLOCK_DV2 > 0 else 16)
-
-    # GQA packing: row r of the tile is query position tile*BLOCK_T + r // HG of head kvh*G + hc*HG + r % HG
-    t_loc = offs_m // HG
-    g = hc * HG + offs_m % HG
-    i_q = tile * BLOCK_T + t_loc
-    row_ok = (t_loc < BLOCK_T) & (i_q < q_len) & (g < G)
-    shift = k_len - q_len
-    pos = i_q + shift
-    p_first = tile * BLOCK_T + shift
-    p_last = tl.minimum(tile * BLOCK_T + BLOCK_T, q_len) - 1 + shift
-
+    row_ok, pos, p_first, p_last, i_q, g = _query_tile(offs_m, tile, hc, q_len, k_len, G, HG, BLOCK_T)
     bb = b.to(tl.int64)
     row_t = (q0 + i_q).to(tl.int64)
     head = (kvh * G + g).to(tl.int64)
     q_ptrs = Q + (bb * stride_qb + row_t * stride_qt + head * stride_qh)[:, None]
-    q1 = tl.load(q_ptrs + offs_dk1[None, :], mask=row_ok[:, None], other=0.0)
-    q2 = q1
-    if BLOCK_DK2 > 0:
-        q2 = tl.load(q_ptrs + offs_dk2[None, :], mask=row_ok[:, None], other=0.0)
+    q1, q2 = _load_pieces(q_ptrs, offs_dk1, offs_dk2, row_ok, BLOCK_DK2 > 0)
     k_base = K + bb * stride_kb + n0.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
     v_base = V + bb * stride_vb + n0.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
 

@@ -16,7 +16,11 @@ from .band_attention import (
     Q_TUNING_KEY,
     _device,
     _key_ranges,
+    _load_pieces,
     _locate,
+    _mask_edge,
+    _query_tile,
+    _scores,
     device_of,
     doc_offsets,
     head_dims,
@@ -41,44 +45,11 @@ def _dq_step(
     cols = start_n + offs_n
     k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kt
     v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vt
-    if MASKED:
-        col_ok = cols < n_keys
-        k1 = tl.load(k_ptrs + offs_dk1[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        k1 = tl.load(k_ptrs + offs_dk1[None, :])
-    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    k2 = k1
-    if BLOCK_DK2 > 0:
-        if MASKED:
-            k2 = tl.load(k_ptrs + offs_dk2[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k2 = tl.load(k_ptrs + offs_dk2[None, :])
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
-    p = tl.math.exp2(s * qk_scale - lse2[:, None])
-    if MODE == 1:
-        e = cols * key_stride + key_end
-        vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
-        if WINDOWED:
-            vis = vis & (e[None, :] > pos[:, None] - window)
-        p = tl.where(vis, p, 0.0)
-    elif MODE == 2:
-        if (start_n < full_lo) | (start_n >= full_hi):
-            e = cols * key_stride + key_end
-            vis = (e[None, :] <= pos[:, None]) & col_ok[None, :]
-            if WINDOWED:
-                vis = vis & (e[None, :] > pos[:, None] - window)
-            p = tl.where(vis, p, 0.0)
-    if MASKED:
-        v1 = tl.load(v_ptrs + offs_dv1[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        v1 = tl.load(v_ptrs + offs_dv1[None, :])
-    dp = tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-    if BLOCK_DV2 > 0:
-        if MASKED:
-            v2 = tl.load(v_ptrs + offs_dv2[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            v2 = tl.load(v_ptrs + offs_dv2[None, :])
-        dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
+    col_ok = cols < n_keys
+    s, k1, k2 = _scores(q1, q2, k_ptrs, offs_dk1, offs_dk2, col_ok, MASKED, BLOCK_DK2, DOT_PREC)
+    p = _mask_edge(tl.math.exp2(s * qk_scale - lse2[:, None]), start_n, cols, pos, col_ok, window, key_stride,
+                   key_end, full_lo, full_hi, 0.0, MODE, WINDOWED)
+    dp, _, _ = _scores(do1, do2, v_ptrs, offs_dv1, offs_dv2, col_ok, MASKED, BLOCK_DV2, DOT_PREC)
     ds = (p * (dp - delta[:, None])).to(k1.dtype)
     dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
     if BLOCK_DK2 > 0:
@@ -123,39 +94,23 @@ def _band_dq_kernel(
     offs_dk2 = BLOCK_DK1 + tl.arange(0, BLOCK_DK2 if BLOCK_DK2 > 0 else 16)
     offs_dv1 = tl.arange(0, BLOCK_DV1)
     offs_dv2 = BLOCK_DV1 + tl.arange(0, BLOCK_DV2 if BLOCK_DV2 > 0 else 16)
-
-    t_loc = offs_m // HG
-    g = hc * HG + offs_m % HG
-    i_q = tile * BLOCK_T + t_loc
-    row_ok = (t_loc < BLOCK_T) & (i_q < q_len) & (g < G)
-    shift = k_len - q_len
-    pos = i_q + shift
-    p_first = tile * BLOCK_T + shift
-    p_last = tl.minimum(tile * BLOCK_T + BLOCK_T, q_len) - 1 + shift
-
+    row_ok, pos, p_first, p_last, i_q, g = _query_tile(offs_m, tile, hc, q_len, k_len, G, HG, BLOCK_T)
     bb = b.to(tl.int64)
     row_t = (q0 + i_q).to(tl.int64)
     head = (kvh * G + g).to(tl.int64)
     q_ptrs = Q + (bb * stride_qb + row_t * stride_qt + head * stride_qh)[:, None]
     do_ptrs = DO + (bb * stride_dob + row_t * stride_dot + head * stride_doh)[:, None]
-    q1 = tl.load(q_ptrs + offs_dk1[None, :], mask=row_ok[:, None], other=0.0)
-    q2 = q1
-    if BLOCK_DK2 > 0:
-        q2 = tl.load(q_ptrs + offs_dk2[None, :], mask=row_ok[:, None], other=0.0)
-    do1 = tl.load(do_ptrs + offs_dv1[None, :], mask=row_ok[:, None], other=0.0)
-    do2 = do1
-    if BLOCK_DV2 > 0:
-        do2 = tl.load(do_ptrs + offs_dv2[None, :], mask=row_ok[:, None], other=0.0)
+    q1, q2 = _load_pieces(q_ptrs, offs_dk1, offs_dk2, row_ok, BLOCK_DK2 > 0)
+    do1, do2 = _load_pieces(do_ptrs, offs_dv1, offs_dv2, row_ok, BLOCK_DV2 > 0)
     l_offs = bb * stride_lb + row_t * stride_lt + head
     lse = tl.load(LSE + l_offs, mask=row_ok, other=0.0)
     # a row that sees no key (lse = -inf) gets P = 0 everywhere
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     if COMPUTE_DELTA:
         o_ptrs = O + (bb * stride_ob + row_t * stride_ot + head * stride_oh)[:, None]
-        o1 = tl.load(o_ptrs + offs_dv1[None, :], mask=row_ok[:, None], other=0.0)
+        o1, o2 = _load_pieces(o_ptrs, offs_dv1, offs_dv2, row_ok, BLOCK_DV2 > 0)
         delta = tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
         if BLOCK_DV2 > 0:
-            o2 = tl.load(o_ptrs + offs_dv2[None, :], mask=row_ok[:, None], other=0.0)
             delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
         tl.store(DELTA + l_offs, delta, mask=row_ok)
     else:
@@ -323,14 +278,8 @@ def _band_dkdv_kernel(
     bb = b.to(tl.int64)
     k_ptrs = K + bb * stride_kb + kvh.to(tl.int64) * stride_kh + (n0 + cols).to(tl.int64)[:, None] * stride_kt
     v_ptrs = V + bb * stride_vb + kvh.to(tl.int64) * stride_vh + (n0 + cols).to(tl.int64)[:, None] * stride_vt
-    k1 = tl.load(k_ptrs + offs_dk1[None, :], mask=col_ok[:, None], other=0.0)
-    k2 = k1
-    if BLOCK_DK2 > 0:
-        k2 = tl.load(k_ptrs + offs_dk2[None, :], mask=col_ok[:, None], other=0.0)
-    v1 = tl.load(v_ptrs + offs_dv1[None, :], mask=col_ok[:, None], other=0.0)
-    v2 = v1
-    if BLOCK_DV2 > 0:
-        v2 = tl.load(v_ptrs + offs_dv2[None, :], mask=col_ok[:, None], other=0.0)
+    k1, k2 = _load_pieces(k_ptrs, offs_dk1, offs_dk2, col_ok, BLOCK_DK2 > 0)
+    v1, v2 = _load_pieces(v_ptrs, offs_dv1, offs_dv2, col_ok, BLOCK_DV2 > 0)
 
     q_base = Q + bb * stride_qb + q0.to(tl.int64) * stride_qt
     do_base = DO + bb * stride_dob + q0.to(tl.int64) * stride_dot

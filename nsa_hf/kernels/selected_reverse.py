@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._tiling import SELECTED_BY_BLOCK_CONFIGS, SELECTED_DKDV_CONFIGS, LOG2E, next_pow2
-from .selected_tiles import PRUNE, doc_bounds, key_tile
+from .selected_tiles import PRUNE, block_keys, doc_bounds, key_tile, load_keys, load_keys_t, load_rows
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -97,12 +97,10 @@ def _fwd_by_block_kernel(
         qrow = tl.load(POS + rr // G, mask=r_ok, other=0).to(tl.int64)
         head = h * G + rr % G
         t = (qrow - bos_q) + (len_k - len_q)
-        q1 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d1[None, :],
-                     mask=r_ok[:, None] & (d1[None, :] < DK), other=0.0)
+        q1 = load_rows(Q, qrow, head, stride_qt, stride_qh, d1, r_ok, DK)
         if BK2 > 0:
             d2 = BK1 + tl.arange(0, BK2)
-            q2 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d2[None, :],
-                         mask=r_ok[:, None] & (d2[None, :] < DK), other=0.0)
+            q2 = load_rows(Q, qrow, head, stride_qt, stride_qh, d2, r_ok, DK)
         if PASS == 0:
             m_i = tl.full([BM], float("-inf"), tl.float32)
             l_i = tl.zeros([BM], tl.float32)
@@ -111,16 +109,11 @@ def _fwd_by_block_kernel(
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             acc = tl.zeros([BM, BV], tl.float32)
         for sub in range(NSUB):
-            c = sub * BN + cols
-            kpos = j * L + c
-            kv_ok = (c < L) & (kpos < len_k)
-            krow = (bos_k + kpos).to(tl.int64)
-            kt1 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d1[:, None],
-                          mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
+            kpos, kv_ok, krow = block_keys(j, sub * BN + cols, L, len_k, bos_k, True)
+            kt1 = load_keys_t(K, krow, h, stride_kt, stride_kh, d1, kv_ok, DK)
             s = tl.dot(q1, kt1, input_precision=PREC)
             if BK2 > 0:
-                kt2 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d2[:, None],
-                              mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
+                kt2 = load_keys_t(K, krow, h, stride_kt, stride_kh, d2, kv_ok, DK)
                 s += tl.dot(q2, kt2, input_precision=PREC)
             allowed = r_ok[:, None] & kv_ok[None, :] & (kpos[None, :] <= t[:, None])
             if PASS == 0:
@@ -131,8 +124,7 @@ def _fwd_by_block_kernel(
                 m_i = m_new
             else:
                 p = tl.where(allowed, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-                vb = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + dv[None, :],
-                             mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+                vb = load_keys(V, krow, h, stride_vt, stride_vh, dv, kv_ok, DV)
                 acc += tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
         if PASS == 0:
             # every listed block holds a key the row sees (j * L <= t), so l_i > 0 for real rows
@@ -178,20 +170,14 @@ def _dkdv_kernel(
         j = gblk % nb
     bos_q, len_q, bos_k, len_k = doc_bounds(doc, CU_Q, CU_K, TQ, TK, VARLEN)
 
-    c = sub * BN + tl.arange(0, BN)
-    kpos = j * L + c
-    kv_ok = (c < L) & (kpos < len_k)
-    krow = (bos_k + kpos).to(tl.int64)
+    kpos, kv_ok, krow = block_keys(j, sub * BN + tl.arange(0, BN), L, len_k, bos_k, True)
     d1 = tl.arange(0, BK1)
     dv = tl.arange(0, BV)
-    k1 = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + d1[None, :],
-                 mask=kv_ok[:, None] & (d1[None, :] < DK), other=0.0)
+    k1 = load_keys(K, krow, h, stride_kt, stride_kh, d1, kv_ok, DK)
     if BK2 > 0:
         d2 = BK1 + tl.arange(0, BK2)
-        k2 = tl.load(K + krow[:, None] * stride_kt + h * stride_kh + d2[None, :],
-                     mask=kv_ok[:, None] & (d2[None, :] < DK), other=0.0)
-    vb = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + dv[None, :],
-                 mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        k2 = load_keys(K, krow, h, stride_kt, stride_kh, d2, kv_ok, DK)
+    vb = load_keys(V, krow, h, stride_vt, stride_vh, dv, kv_ok, DV)
 
     lo = tl.load(BUCKET_OFF + bucket)
     hi = tl.load(BUCKET_OFF + bucket + 1)
@@ -208,20 +194,17 @@ def _dkdv_kernel(
         qrow = tl.load(POS + rr // G, mask=r_ok, other=0).to(tl.int64)
         head = h * G + rr % G
         t = (qrow - bos_q) + (len_k - len_q)
-        q1 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d1[None, :],
-                     mask=r_ok[:, None] & (d1[None, :] < DK), other=0.0)
+        q1 = load_rows(Q, qrow, head, stride_qt, stride_qh, d1, r_ok, DK)
         sT = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         if BK2 > 0:
-            q2 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d2[None, :],
-                         mask=r_ok[:, None] & (d2[None, :] < DK), other=0.0)
+            q2 = load_rows(Q, qrow, head, stride_qt, stride_qh, d2, r_ok, DK)
             sT += tl.dot(k2, tl.trans(q2), input_precision=PREC)
         lse = tl.load(LSE + qrow * HQ + head, mask=r_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         delta = tl.load(DELTA + qrow * HQ + head, mask=r_ok, other=0.0)
         allowed = r_ok[None, :] & kv_ok[:, None] & (kpos[:, None] <= t[None, :])
         pT = tl.where(allowed, tl.exp2(sT * scale_log2 - lse2[None, :]), 0.0)
-        do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + dv[None, :],
-                     mask=r_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        do = load_rows(DO, qrow, head, stride_dot, stride_doh, dv, r_ok, DV)
         dvacc += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(vb, tl.trans(do), input_precision=PREC)
         dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)

@@ -27,6 +27,50 @@ from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose
 
 
 @triton.jit
+def load_rows(X, row, head, stride_t, stride_h, cols, ok, D: tl.constexpr):
+    """`[rows, cols]` of X at (row, head) per row; rows with `ok` false and columns from D on read 0."""
+    return tl.load(X + row[:, None] * stride_t + head[:, None] * stride_h + cols[None, :],
+                   mask=ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_keys(X, row, h, stride_t, stride_h, cols, ok, D: tl.constexpr):
+    """`[keys, cols]` of X at rows `row` of head h; keys with `ok` false and columns from D on read 0."""
+    return tl.load(X + row[:, None] * stride_t + h * stride_h + cols[None, :],
+                   mask=ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_keys_t(X, row, h, stride_t, stride_h, cols, ok, D: tl.constexpr):
+    """`load_keys` transposed: `[cols, keys]`."""
+    return tl.load(X + row[None, :] * stride_t + h * stride_h + cols[:, None],
+                   mask=ok[None, :] & (cols[:, None] < D), other=0.0)
+
+
+@triton.jit
+def block_keys(j, c, L: tl.constexpr, len_k, bos_k, blk_ok):
+    """Keys `c` (offsets in the block) of selection block j, valid where `blk_ok`: (position, valid, packed row)."""
+    kpos = j * L + c
+    kv_ok = (c < L) & (kpos < len_k) & blk_ok
+    return kpos, kv_ok, (bos_k + kpos).to(tl.int64)
+
+
+@triton.jit
+def _query_rows(row0, h, bos_q, len_q, len_k, G: tl.constexpr, BM: tl.constexpr):
+    """
+    Rows row0 .. row0 + BM of a document's flattened (position, head-in-group) space: (valid, position, query head,
+    position relative to the tile's first, causal position t, packed query row).
+    """
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < len_q * G
+    pos = rows // G
+    head = h * G + rows % G
+    bit = (pos - row0 // G).to(tl.int64)
+    t = pos + (len_k - len_q)
+    return row_ok, pos, head, bit, t, (bos_q + pos).to(tl.int64)
+
+
+@triton.jit
 def _tile_coords(tile, TILE_DOC, TILE_ROW0, TILES_PER_DOC, VARLEN: tl.constexpr, BM: tl.constexpr):
     """(document, first flattened row) of a query tile; document -1 marks an unused grid slot (varlen only)."""
     if VARLEN:
@@ -169,21 +213,13 @@ def _fwd_kernel(
     HQ: tl.constexpr = HKV * G
     NSUB: tl.constexpr = (L + BN - 1) // BN
 
-    rows = row0 + tl.arange(0, BM)
-    row_ok = rows < len_q * G
-    pos = rows // G
-    head = h * G + rows % G
-    bit = (pos - row0 // G).to(tl.int64)
-    t = pos + (len_k - len_q)
-    qrow = (bos_q + pos).to(tl.int64)
+    row_ok, pos, head, bit, t, qrow = _query_rows(row0, h, bos_q, len_q, len_k, G, BM)
     d1 = tl.arange(0, BK1)
     dv = tl.arange(0, BV)
-    q1 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d1[None, :],
-                 mask=row_ok[:, None] & (d1[None, :] < DK), other=0.0)
+    q1 = load_rows(Q, qrow, head, stride_qt, stride_qh, d1, row_ok, DK)
     if BK2 > 0:
         d2 = BK1 + tl.arange(0, BK2)
-        q2 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d2[None, :],
-                     mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0)
+        q2 = load_rows(Q, qrow, head, stride_qt, stride_qh, d2, row_ok, DK)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -199,16 +235,11 @@ def _fwd_kernel(
     for i in range(0, cnt * NSUB):
         e = i // NSUB
         blk, active, blk_ok = _tile_block(e, UB, UM, ubase, bit, idx_row, t0, L, N, NP, DIRECT)
-        c = (i % NSUB) * BN + cols
-        kpos = blk * L + c
-        kv_ok = (c < L) & (kpos < len_k) & blk_ok
-        krow = (bos_k + kpos).to(tl.int64)
-        kt1 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d1[:, None],
-                      mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
+        kpos, kv_ok, krow = block_keys(blk, (i % NSUB) * BN + cols, L, len_k, bos_k, blk_ok)
+        kt1 = load_keys_t(K, krow, h, stride_kt, stride_kh, d1, kv_ok, DK)
         s = tl.dot(q1, kt1, input_precision=PREC)
         if BK2 > 0:
-            kt2 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d2[:, None],
-                          mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
+            kt2 = load_keys_t(K, krow, h, stride_kt, stride_kh, d2, kv_ok, DK)
             s += tl.dot(q2, kt2, input_precision=PREC)
         allowed = active[:, None] & kv_ok[None, :] & (kpos[None, :] <= t[:, None])
         s = tl.where(allowed, s * scale_log2, float("-inf"))
@@ -217,8 +248,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(V + krow[:, None] * stride_vt + h * stride_vh + dv[None, :],
-                     mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        vb = load_keys(V, krow, h, stride_vt, stride_vh, dv, kv_ok, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
         m_i = m_new
 
@@ -254,24 +284,15 @@ def _dq_kernel(
     HQ: tl.constexpr = HKV * G
     NSUB: tl.constexpr = (L + BN - 1) // BN
 
-    rows = row0 + tl.arange(0, BM)
-    row_ok = rows < len_q * G
-    pos = rows // G
-    head = h * G + rows % G
-    bit = (pos - row0 // G).to(tl.int64)
-    t = pos + (len_k - len_q)
-    qrow = (bos_q + pos).to(tl.int64)
+    row_ok, pos, head, bit, t, qrow = _query_rows(row0, h, bos_q, len_q, len_k, G, BM)
     d1 = tl.arange(0, BK1)
     dv = tl.arange(0, BV)
-    q1 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d1[None, :],
-                 mask=row_ok[:, None] & (d1[None, :] < DK), other=0.0)
+    q1 = load_rows(Q, qrow, head, stride_qt, stride_qh, d1, row_ok, DK)
     if BK2 > 0:
         d2 = BK1 + tl.arange(0, BK2)
-        q2 = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d2[None, :],
-                     mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0)
-    vmask = row_ok[:, None] & (dv[None, :] < DV)
-    do = tl.load(DO + qrow[:, None] * stride_dot + head[:, None] * stride_doh + dv[None, :], mask=vmask, other=0.0)
-    o = tl.load(O + qrow[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :], mask=vmask, other=0.0)
+        q2 = load_rows(Q, qrow, head, stride_qt, stride_qh, d2, row_ok, DK)
+    do = load_rows(DO, qrow, head, stride_dot, stride_doh, dv, row_ok, DV)
+    o = load_rows(O, qrow, head, stride_ot, stride_oh, dv, row_ok, DV)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + qrow * HQ + head, delta, mask=row_ok)
     lse = tl.load(LSE + qrow * HQ + head, mask=row_ok, other=0.0)
@@ -291,21 +312,15 @@ def _dq_kernel(
     for i in range(0, cnt * NSUB):
         e = i // NSUB
         blk, active, blk_ok = _tile_block(e, UB, UM, ubase, bit, idx_row, t0, L, N, NP, DIRECT)
-        c = (i % NSUB) * BN + cols
-        kpos = blk * L + c
-        kv_ok = (c < L) & (kpos < len_k) & blk_ok
-        krow = (bos_k + kpos).to(tl.int64)
-        kt1 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d1[:, None],
-                      mask=kv_ok[None, :] & (d1[:, None] < DK), other=0.0)
+        kpos, kv_ok, krow = block_keys(blk, (i % NSUB) * BN + cols, L, len_k, bos_k, blk_ok)
+        kt1 = load_keys_t(K, krow, h, stride_kt, stride_kh, d1, kv_ok, DK)
         s = tl.dot(q1, kt1, input_precision=PREC)
         if BK2 > 0:
-            kt2 = tl.load(K + krow[None, :] * stride_kt + h * stride_kh + d2[:, None],
-                          mask=kv_ok[None, :] & (d2[:, None] < DK), other=0.0)
+            kt2 = load_keys_t(K, krow, h, stride_kt, stride_kh, d2, kv_ok, DK)
             s += tl.dot(q2, kt2, input_precision=PREC)
         allowed = active[:, None] & kv_ok[None, :] & (kpos[None, :] <= t[:, None])
         p = tl.where(allowed, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-        vt = tl.load(V + krow[None, :] * stride_vt + h * stride_vh + dv[:, None],
-                     mask=kv_ok[None, :] & (dv[:, None] < DV), other=0.0)
+        vt = load_keys_t(V, krow, h, stride_vt, stride_vh, dv, kv_ok, DV)
         dp = tl.dot(do, vt, input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(kt1.dtype)
         dq1 += tl.dot(ds, tl.trans(kt1), input_precision=PREC)
