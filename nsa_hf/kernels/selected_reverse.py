@@ -49,6 +49,30 @@ def _delta_kernel(
 
 
 
+@triton.jit
+def _bucket_block(bucket, BLK_DOC, BLK_OFF, NSB, TK, L: tl.constexpr, VARLEN: tl.constexpr):
+    """(KV head, document, block in the document) of a reverse-index bucket (KV head x block slot)."""
+    h = bucket // NSB
+    gblk = bucket % NSB
+    if VARLEN:
+        doc = tl.load(BLK_DOC + gblk)
+        j = gblk - tl.load(BLK_OFF + doc)
+    else:
+        nb = (TK + L - 1) // L
+        doc = gblk // nb
+        j = gblk % nb
+    return h, doc, j
+
+
+@triton.jit
+def _segment(BUCKET_OFF, bucket, seg, SEG):
+    """The bucket's list [lo, hi) and the entries [start, end) of its segment `seg` of SEG entries."""
+    lo = tl.load(BUCKET_OFF + bucket)
+    hi = tl.load(BUCKET_OFF + bucket + 1)
+    start = lo + seg * SEG
+    return lo, hi, start, tl.minimum(start + SEG, hi)
+
+
 @triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=PRUNE,
                  reset_to_zero=["OACC"])
 @triton.jit
@@ -73,20 +97,9 @@ def _fwd_by_block_kernel(
     HQ: tl.constexpr = HKV * G
     NSUB: tl.constexpr = (L + BN - 1) // BN
     seg = tl.load(ITEM_SEG + item)
-    h = bucket // NSB
-    gblk = bucket % NSB
-    if VARLEN:
-        doc = tl.load(BLK_DOC + gblk)
-        j = gblk - tl.load(BLK_OFF + doc)
-    else:
-        nb = (TK + L - 1) // L
-        doc = gblk // nb
-        j = gblk % nb
+    h, doc, j = _bucket_block(bucket, BLK_DOC, BLK_OFF, NSB, TK, L, VARLEN)
     bos_q, len_q, bos_k, len_k = doc_bounds(doc, CU_Q, CU_K, TQ, TK, VARLEN)
-    lo = tl.load(BUCKET_OFF + bucket)
-    hi = tl.load(BUCKET_OFF + bucket + 1)
-    start = lo + seg * SEG
-    end = tl.minimum(start + SEG, hi)
+    _, _, start, end = _segment(BUCKET_OFF, bucket, seg, SEG)
     d1 = tl.arange(0, BK1)
     dv = tl.arange(0, BV)
     r = tl.arange(0, BM)
@@ -159,15 +172,7 @@ def _dkdv_kernel(
         return
     HQ: tl.constexpr = HKV * G
     seg = tl.load(ITEM_SEG + item)
-    h = bucket // NSB
-    gblk = bucket % NSB
-    if VARLEN:
-        doc = tl.load(BLK_DOC + gblk)
-        j = gblk - tl.load(BLK_OFF + doc)
-    else:
-        nb = (TK + L - 1) // L
-        doc = gblk // nb
-        j = gblk % nb
+    h, doc, j = _bucket_block(bucket, BLK_DOC, BLK_OFF, NSB, TK, L, VARLEN)
     bos_q, len_q, bos_k, len_k = doc_bounds(doc, CU_Q, CU_K, TQ, TK, VARLEN)
 
     kpos, kv_ok, krow = block_keys(j, sub * BN + tl.arange(0, BN), L, len_k, bos_k, True)
@@ -179,10 +184,7 @@ def _dkdv_kernel(
         k2 = load_keys(K, krow, h, stride_kt, stride_kh, d2, kv_ok, DK)
     vb = load_keys(V, krow, h, stride_vt, stride_vh, dv, kv_ok, DV)
 
-    lo = tl.load(BUCKET_OFF + bucket)
-    hi = tl.load(BUCKET_OFF + bucket + 1)
-    start = lo + seg * SEG
-    end = tl.minimum(start + SEG, hi)
+    lo, hi, start, end = _segment(BUCKET_OFF, bucket, seg, SEG)
     dk1 = tl.zeros([BN, BK1], tl.float32)
     if BK2 > 0:
         dk2 = tl.zeros([BN, BK2], tl.float32)
