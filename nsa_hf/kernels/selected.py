@@ -13,7 +13,7 @@ Design:
   B equal documents), so varlen and batched inputs share one code path (`SelectedInputs`).
 * Forward, group-centric (NSA paper, Sec. 3.4; `selected_tiles.py`): a program owns one KV head and a tile of
   consecutive (position, head-in-group) rows and streams each KV block in the union of the tile's selections once.
-  A second, key-centric forward walks the reverse index instead (`fwd_mode="by_block"`, `selected_reverse.py`): it
+  A second, key-centric forward ("by_block", `selected_reverse.py`) walks the reverse index instead: it
   has no masked rows at any group size but has not run on a GPU yet, so it is chosen only through
   `Tuning.selected_by_block_groups` (empty) or `_tiling.override(selected_fwd="by_block")`.
 * Backward (`selected_reverse.py`): dK/dV over the reverse index, for every (KV head, KV block) the query positions
