@@ -5,6 +5,7 @@ one run on one GPU.
 
     python benchmarks/bench_training.py                       # all layouts, 8k..128k
     python benchmarks/bench_training.py --seqlens 8192 65536 --layouts paper
+    python benchmarks/bench_training.py --seqlens 65536 --selected-fwd by_block   # the key-centric selected forward
 
 Prints a table and writes JSON to benchmarks/results/training_<gpu>.json (plot it with benchmarks/plot.py).
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_hf.kernels import nsa_attention, unfold_compression_blocks  # noqa: E402
+from nsa_hf.kernels._tiling import SWITCHES, override  # noqa: E402
 
 # name -> (query heads, kv heads, head dim, NSA settings)
 PAPER = dict(compress_block_size=32, compress_stride=16, select_block_size=64, num_selected_blocks=16, window_size=512)
@@ -152,7 +154,14 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training_<gpu>.json)")
     parser.add_argument("--no-dense", action="store_true", help="skip dense attention (fast iteration on our kernels)")
+    parser.add_argument("--selected-fwd", choices=["tiled", "by_block"], default=None,
+                        help="force the selected forward (default: the kernels' own choice)")
     args = parser.parse_args()
+    with override(selected_fwd=args.selected_fwd):
+        run(args)
+
+
+def run(args):
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
 
@@ -164,7 +173,7 @@ def main():
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": "bfloat16", "batch": 1,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "window_on_side_stream": os.environ.get("NSA_HF_STREAMS", "1") != "0",
+        "window_on_side_stream": SWITCHES.streams, "selected_fwd": SWITCHES.selected_fwd or "default",
     }
     if fla_available():
         import fla

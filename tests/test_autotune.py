@@ -1,13 +1,14 @@
 """
 Which kernel configurations the autotuner times (host-side pruning, no GPU needed): training shapes get the full
-candidate list, decoding shapes a single configuration so the first generate() call is not stalled by timing runs.
+candidate list, decoding shapes a single configuration so the first generate() call is not stalled by timing runs;
+the switches that change that, read once from the environment or set through the testing hook.
 """
 
 import pytest
 import triton
 
-from nsa_hf.kernels import _attention_common as common
-from nsa_hf.kernels import selected, selection
+from nsa_hf.kernels import _tiling, band_attention, selected_tiles, selection
+from nsa_hf.kernels._tiling import Switches, override
 
 BAND_CANDIDATES = [
     triton.Config({"BLOCK_N": 64, "SPLIT": False}, num_warps=8, num_stages=3),
@@ -19,36 +20,66 @@ DIMS = dict(BLOCK_DK1=128, BLOCK_DK2=0, BLOCK_DV1=128, BLOCK_DV2=0)
 
 
 @pytest.fixture(autouse=True)
-def _default_tuning(monkeypatch):
-    monkeypatch.delenv("NSA_HF_AUTOTUNE", raising=False)
-    monkeypatch.delenv("NSA_HF_CONFIG_INDEX", raising=False)
+def _default_tuning():
+    with override(autotune=True, config_index=None):
+        yield
 
 
 def test_band_kernels_time_every_candidate_for_training_tiles_only():
-    training = common._prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS)
-    decoding = common._prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=16, **DIMS)
+    training = band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS)
+    decoding = band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=16, **DIMS)
     assert len(training) > 1
     assert len(decoding) == 1 and decoding[0] in BAND_CANDIDATES
 
 
 def test_selection_times_every_candidate_for_training_lengths_only():
     const = dict(G_PAD=16, N_PAD=16, R_PAD=4, D1=128, D2=0)
-    training = selection._prune_configs(selection._GPU_CONFIGS, {"T_BUCKET": 65536}, **const)
-    decoding = selection._prune_configs(selection._GPU_CONFIGS, {"T_BUCKET": 16}, **const)
+    training = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 65536}, **const)
+    decoding = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 16}, **const)
     assert len(training) > 1
     assert len(decoding) == 1 and decoding[0].kwargs == training[0].kwargs
 
 
 def test_selected_forward_decoding_is_not_timed():
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    assert len(selected._prune(configs, {}, DECODE=False)) == 4
-    assert selected._prune(configs, {}, DECODE=True) == configs[:1]
+    assert len(selected_tiles.prune(configs, {}, DECODE=False)) == 4
+    assert selected_tiles.prune(configs, {}, DECODE=True) == configs[:1]
 
 
-def test_environment_overrides(monkeypatch):
-    every = common._prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS)
-    monkeypatch.setenv("NSA_HF_AUTOTUNE", "0")
-    assert common._prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS) == every[:1]
-    monkeypatch.delenv("NSA_HF_AUTOTUNE")
-    monkeypatch.setenv("NSA_HF_CONFIG_INDEX", "1")
-    assert common._prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS) == every[1:2]
+def test_switches_override_the_autotuner():
+    every = band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS)
+    with override(autotune=False):
+        assert band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS) == every[:1]
+    with override(config_index=1):
+        assert band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS) == every[1:2]
+    assert band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS) == every  # restored
+
+
+def test_switches_come_from_the_environment():
+    assert Switches.from_environ({}) == Switches()
+    env = Switches.from_environ({"NSA_HF_AUTOTUNE": "0", "NSA_HF_CONFIG_INDEX": "2", "NSA_HF_STREAMS": "0"})
+    assert (env.autotune, env.config_index, env.streams) == (False, 2, False)
+
+
+def test_override_rejects_unknown_knobs_and_bad_values():
+    with pytest.raises(TypeError, match="unknown knobs"):
+        with override(selected_mode="by_block"):
+            pass
+    for knob, value in [("selected_fwd", "rows"), ("selected_dq", "atomic"), ("selected_block_m", 48),
+                        ("selection_tile", dict(ROWS=16)), ("band_tiles", dict(BLOCK_K=16)), ("autotune", 0)]:
+        with pytest.raises(ValueError, match=knob):
+            with override(**{knob: value}):
+                pass
+    with override(selected_fwd="by_block", selected_block_m=32):
+        assert (_tiling.SWITCHES.selected_fwd, _tiling.SWITCHES.selected_block_m) == ("by_block", 32)
+    assert (_tiling.SWITCHES.selected_fwd, _tiling.SWITCHES.selected_block_m) == (None, None)
+
+
+def test_tuning_follows_the_device_capability():
+    h100 = _tiling.DeviceLimits((9, 0), 232448, 132)
+    assert _tiling.tuning(h100) is _tiling.TUNING[(9, 0)]
+    # unmeasured GPUs take the nearest lower measured entry, older ones the lowest
+    assert _tiling.tuning(_tiling.DeviceLimits((10, 0), 232448, 148)) is _tiling.TUNING[(9, 0)]
+    assert _tiling.tuning(_tiling.DeviceLimits((8, 0), 166912, 108)) is _tiling.TUNING[(9, 0)]
+    # the shared-memory filter reads the device's limit: a smaller GPU keeps fewer configurations
+    assert h100.shared_memory - _tiling.TUNING[(9, 0)].smem_reserve == 200 * 1024

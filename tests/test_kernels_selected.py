@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-import nsa_hf.kernels.selected as selected_mod
+from nsa_hf.kernels import selected_tiles
+from nsa_hf.kernels._geometry import geometry
+from nsa_hf.kernels._tiling import device_limits, override, tuning
 from nsa_hf.kernels.reference import (
     compressed_attention_ref,
     select_blocks_ref,
@@ -73,6 +75,17 @@ def make_qkv(B, Tq, Tk, HQ, HKV, DK, DV, gen, device="cpu", dtype=torch.float32)
     k = torch.randn(B, Tk, HKV, DK, generator=gen).to(device=device, dtype=dtype)
     v = torch.randn(B, Tk, HKV, DV, generator=gen).to(device=device, dtype=dtype)
     return q, k, v
+
+
+def fwd(q, k, v, idx, lp, scale=None, cu_q=None, cu_k=None):
+    """The forward launcher on the call's geometry, as `selected_attention` runs it."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return selected_attention_fwd(q, k, v, idx, lp, scale, geometry(q, k.shape[1], cu_q, cu_k))
+
+
+def bwd(do, q, k, v, o, lse, idx, lp, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return selected_attention_bwd(do, q, k, v, o, lse, idx, lp, scale, geometry(q, k.shape[1]))
 
 
 def run_both(q, k, v, idx, lp, scale=None, cu_q=None, cu_k=None, gen=None, **kw):
@@ -208,10 +221,11 @@ def test_decoding_varlen_one_query_per_document():
 
 
 def check_fwd_bwd(q, k, v, idx, lp, gen, block_m=None, dq_mode=None):
-    o, lse = selected_attention_fwd(q, k, v, idx, lp, block_m=block_m)
-    torch.testing.assert_close(o, selected_attention_ref(q, k, v, idx, lp), atol=ATOL, rtol=RTOL)
-    do = torch.randn(o.shape, generator=gen)
-    grads = selected_attention_bwd(do, q, k, v, o, lse, idx, lp, block_m=block_m, dq_mode=dq_mode)
+    with override(selected_block_m=block_m, selected_dq=dq_mode):
+        o, lse = fwd(q, k, v, idx, lp)
+        torch.testing.assert_close(o, selected_attention_ref(q, k, v, idx, lp), atol=ATOL, rtol=RTOL)
+        do = torch.randn(o.shape, generator=gen)
+        grads = bwd(do, q, k, v, o, lse, idx, lp)
     qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
     selected_attention_ref(qq, kk, vv, idx, lp).backward(do)
     for name, a, b in zip(("dq", "dk", "dv"), grads, (qq.grad, kk.grad, vv.grad)):
@@ -246,14 +260,14 @@ def test_one_position_tiles(G, block_m, dq_mode):
     check_fwd_bwd(q, k, v, idx, lp, gen, block_m=block_m, dq_mode=dq_mode)
 
 
-def test_dkdv_split_into_segments(monkeypatch):
+def test_dkdv_split_into_segments():
     """Long reverse lists (block 0 is chosen by every query) split into segments that combine with atomic adds."""
-    monkeypatch.setattr(selected_mod, "_DKDV_SEGMENT_ROWS", 16)
     gen = torch.Generator().manual_seed(12)
     q, k, v = make_qkv(1, 70, 70, 4, 2, 16, 16, gen)
     idx = reference_selection(q, k, 8, 4, 16, 3)
     assert (idx[..., 0] == 0).all()
-    assert_matches(q, k, v, idx, 16, gen=gen)
+    with override(selected_segment_rows=16):
+        assert_matches(q, k, v, idx, 16, gen=gen)
 
 
 def test_lse_and_empty_rows():
@@ -264,7 +278,7 @@ def test_lse_and_empty_rows():
     idx[0, 5, 1] = -1  # query 5, KV head 1 (query heads 2, 3): sees nothing
     idx[0, 30, 0, :] = torch.tensor([2, -1, -1], dtype=torch.int32)  # a block after t=30: nothing visible either
     scale = 0.3
-    o, lse = selected_attention_fwd(q, k, v, idx, lp, scale=scale)
+    o, lse = fwd(q, k, v, idx, lp, scale=scale)
     torch.testing.assert_close(lse, reference_lse(q, k, idx, lp, scale), atol=ATOL, rtol=RTOL)
     assert torch.isneginf(lse[0, 5, 2:]).all() and torch.isneginf(lse[0, 30, :2]).all()
     assert (o[0, 5, 2:] == 0).all() and (o[0, 30, :2] == 0).all()
@@ -312,7 +326,8 @@ def test_bad_inputs_raise_clear_errors():
         selected_attention(q.repeat(2, 1, 1, 1), k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1), idx.repeat(2, 1, 1, 1), 16,
                            cu_seqlens_q=cu, cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="block_m"):
-        selected_attention_fwd(q, k, v, idx, 16, block_m=48)
+        with override(selected_block_m=48):
+            pass
     with pytest.raises(ValueError, match="more queries"):
         selected_attention(q, k[:, :4], v[:, :4], idx, 16)
     with pytest.raises(ValueError, match="share one of"):
@@ -375,12 +390,13 @@ def test_gpu_dq_modes_bf16(HQ, HKV):
     T = 4096
     q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
     idx = reference_selection(q, k, 32, 16, 64, 16)
-    o, lse = selected_attention_fwd(q, k, v, idx, 64)
+    o, lse = fwd(q, k, v, idx, 64)
     do = torch.randn_like(o)
     ref = reference_grads_chunked(q, k, v, idx, 64, do, 1024)
     assert rel_err(o, ref[0]) < 1e-2
     for mode in ("fused", "tiled"):
-        grads = selected_attention_bwd(do, q, k, v, o, lse, idx, 64, dq_mode=mode)
+        with override(selected_dq=mode):
+            grads = bwd(do, q, k, v, o, lse, idx, 64)
         for name, a, b in zip(("dq", "dk", "dv"), grads, ref[1:]):
             assert rel_err(a, b) < 1e-2, f"{mode} {name}"
 
@@ -396,7 +412,7 @@ def test_gpu_long_context_bf16(HQ, HKV):
     T, lp, tail = 32768, 64, 512
     q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
     idx = random_indices(1, T, T, HKV, 16, lp, gen, allow_empty=False, device="cuda")
-    assert selected_mod._tile_rows(HQ // HKV, T) == 16
+    assert selected_tiles.tile_rows(HQ // HKV, T, tuning(device_limits(q.device))) == 16
     qq = q.detach().clone().requires_grad_(True)
     o = selected_attention(qq, k, v, idx, lp)
     do = torch.randn_like(o)
@@ -415,8 +431,10 @@ def test_gpu_forward_by_block_bf16(HQ, HKV):
     T = 4096
     q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
     idx = reference_selection(q, k, 32, 16, 64, 16)
-    o, lse = selected_attention_fwd(q, k, v, idx, 64, fwd_mode="by_block")
-    o_tiled, lse_tiled = selected_attention_fwd(q, k, v, idx, 64)
+    with override(selected_fwd="by_block"):
+        o, lse = fwd(q, k, v, idx, 64)
+    with override(selected_fwd="tiled"):
+        o_tiled, lse_tiled = fwd(q, k, v, idx, 64)
     ref = reference_grads_chunked(q, k, v, idx, 64, torch.zeros_like(o), 1024)[0]
     assert rel_err(o, ref) < 1e-2
     torch.testing.assert_close(lse, lse_tiled, atol=2e-2, rtol=0)
@@ -477,7 +495,7 @@ def test_gpu_float16_and_lse():
     q, k, v = make_qkv(1, 2048, 2048, 16, 1, 64, 64, gen, device="cuda", dtype=torch.float16)
     idx = reference_selection(q, k, 32, 16, 64, 8)
     check_gpu(q, k, v, idx, 64)
-    _, lse = selected_attention_fwd(q, k, v, idx, 64)
+    _, lse = fwd(q, k, v, idx, 64)
     ref = reference_lse(q[:, -64:].cpu(), k.cpu(), idx[:, -64:].cpu(), 64, 64 ** -0.5)
     assert rel_err(lse[:, -64:].cpu(), ref) < 1e-3
 
@@ -499,7 +517,8 @@ def test_forward_by_block_matches_reference(B, Tq, Tk, HQ, HKV, DK, DV, lp, n):
     q, k, v = make_qkv(B, Tq, Tk, HQ, HKV, DK, DV, gen)
     idx = random_indices(B, Tq, Tk, HKV, n, lp, gen)  # includes rows with no block at all
     idx[0, -1, 0, :2] = idx[0, -1, 0, :1]  # a repeated block counts once
-    o, lse = selected_attention_fwd(q, k, v, idx, lp, fwd_mode="by_block")
+    with override(selected_fwd="by_block"):
+        o, lse = fwd(q, k, v, idx, lp)
     torch.testing.assert_close(o, selected_attention_ref(q, k, v, idx, lp), atol=ATOL, rtol=RTOL)
     scale = DK ** -0.5
     torch.testing.assert_close(lse, reference_lse(q, k, idx, lp, scale), atol=ATOL, rtol=RTOL)
@@ -511,9 +530,12 @@ def test_forward_by_block_varlen():
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = make_qkv(1, sum(lengths), sum(lengths), 8, 2, 16, 16, gen)
     idx = reference_selection_varlen(q, k, cu, cu, 8, 4, 16, 3)
-    o, lse = selected_attention_fwd(q, k, v, idx, 16, cu_seqlens_q=cu, cu_seqlens_k=cu, fwd_mode="by_block")
-    o_ref, lse_ref = selected_attention_fwd(q, k, v, idx, 16, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with override(selected_fwd="by_block"):
+        o, lse = fwd(q, k, v, idx, 16, cu_q=cu, cu_k=cu)
+    with override(selected_fwd="tiled"):
+        o_ref, lse_ref = fwd(q, k, v, idx, 16, cu_q=cu, cu_k=cu)
     torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(lse, lse_ref, atol=ATOL, rtol=RTOL)
-    with pytest.raises(ValueError, match="fwd_mode"):
-        selected_attention_fwd(q, k, v, idx, 16, fwd_mode="rows")
+    with pytest.raises(ValueError, match="selected_fwd"):
+        with override(selected_fwd="rows"):
+            pass

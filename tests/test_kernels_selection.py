@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from nsa_hf.kernels._tiling import override
 from nsa_hf.kernels.reference import compressed_attention_ref, select_blocks_ref, selection_scores_ref
 from nsa_hf.kernels.selection import select_blocks
 from nsa_hf.kernels.utils import compressed_cu_seqlens, num_compressed_blocks
@@ -65,11 +66,13 @@ def _check(out, ref, scores, *, max_tie_rows=0.0, rtol=1e-5, atol=1e-6):
     assert frac <= max_tie_rows, f"{differ.sum().item()} of {differ.numel()} rows differ from the reference"
 
 
-def _run_and_check(B=1, Tq=100, Tk=None, HQ=4, HKV=2, D=32, l=8, d=4, lp=16, n=5, ni=1, nl=2, seed=0, **kw):
+def _run_and_check(B=1, Tq=100, Tk=None, HQ=4, HKV=2, D=32, l=8, d=4, lp=16, n=5, ni=1, nl=2, seed=0, **knobs):
+    """`knobs`: `override(...)` knobs of the launch (`selection_tile`, `selection_splits`)."""
     Tk = Tq if Tk is None else Tk
     q, k_cmp, lse = _inputs(B, Tq, Tk, HQ, HKV, D, l, d, seed=seed)
     ref, scores = _reference(q, k_cmp, lse, l, d, lp, n, ni, nl, num_keys=Tk)
-    out = select_blocks(q, k_cmp, lse, l, d, lp, n, ni, nl, num_keys=Tk, **kw)
+    with override(**knobs):
+        out = select_blocks(q, k_cmp, lse, l, d, lp, n, ni, nl, num_keys=Tk)
     _check(out, ref, scores)
     return out, ref
 
@@ -130,8 +133,8 @@ def test_several_chunks_and_tiles():
     overlapping compression blocks is carried across chunks; all three loop ranges of the kernel run)."""
     # n = 12 of up to 25 blocks: the score of every block matters, including block 16, the first of the second chunk
     # (it gets half of its score from compression block 31, carried over from the first chunk)
-    _run_and_check(Tq=200, HQ=2, HKV=1, D=16, l=8, d=4, lp=8, n=12, _config=dict(ROWS=32, BS=16))
-    _run_and_check(Tq=180, HQ=2, HKV=2, D=16, l=4, d=4, lp=4, n=5, _config=dict(ROWS=64, BS=16), seed=1)
+    _run_and_check(Tq=200, HQ=2, HKV=1, D=16, l=8, d=4, lp=8, n=12, selection_tile=dict(ROWS=32, BS=16))
+    _run_and_check(Tq=180, HQ=2, HKV=2, D=16, l=4, d=4, lp=4, n=5, selection_tile=dict(ROWS=64, BS=16), seed=1)
 
 
 @pytest.mark.parametrize(
@@ -142,12 +145,15 @@ def test_head_bit_layouts(HQ, HKV, rows, head_mask):
     """Any assignment of the tile's row bits to (head, position) gives the same result (the kernel picks one that
     keeps the head sum inside threads; here other ones are forced)."""
     _run_and_check(Tq=70, HQ=HQ, HKV=HKV, D=16, l=8, d=4, lp=16, n=4, seed=head_mask,
-                   _config=dict(ROWS=rows, BS=16, HEAD_MASK=head_mask))
+                   selection_tile=dict(ROWS=rows, BS=16, HEAD_MASK=head_mask))
 
 
-@pytest.mark.parametrize("D", [16, 24, 80])
+@pytest.mark.parametrize("D", [16, 24, 80, 112])
 def test_head_dims(D):
-    """Head dims that are (16) and are not (24 = 16 + 8 padded, 80 = 64 + 16) powers of two."""
+    """
+    Head dims that are (16) and are not powers of two: 24 and 112 take one piece larger than the dim (32, 128: masked
+    loads), 80 two pieces (64 + 16).
+    """
     _run_and_check(Tq=70, HQ=4, HKV=1, D=D, l=8, d=4, lp=16, n=4, seed=D)
 
 
@@ -191,8 +197,8 @@ def test_decoding_bottom_right(Tq, Tk):
 def test_split_launch_matches():
     """The split launch (selection blocks spread over several programs, merged afterwards) used for decoding."""
     for splits in (2, 5):
-        _run_and_check(Tq=3, Tk=300, HQ=4, HKV=2, D=16, l=8, d=4, lp=8, n=6, _num_splits=splits,
-                       _config=dict(ROWS=16, BS=16))
+        _run_and_check(Tq=3, Tk=300, HQ=4, HKV=2, D=16, l=8, d=4, lp=8, n=6, selection_splits=splits,
+                       selection_tile=dict(ROWS=16, BS=16))
 
 
 def test_varlen_three_documents():

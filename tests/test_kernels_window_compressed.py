@@ -8,8 +8,11 @@ marked `gpu` run them in bfloat16 at realistic shapes on a CUDA device against t
 import pytest
 import torch
 
-from nsa_hf.kernels import _attention_common as common
+from nsa_hf.kernels import band_attention, band_attention_bwd
+from nsa_hf.kernels._geometry import geometry
+from nsa_hf.kernels._tiling import override, split_head_dim
 from nsa_hf.kernels.compressed import compressed_attention, compressed_attention_bwd, compressed_attention_fwd
+from nsa_hf.kernels.selected import attention_delta
 from nsa_hf.kernels.reference import compressed_attention_ref, window_attention_ref
 from nsa_hf.kernels.utils import compressed_cu_seqlens, num_compressed_blocks
 from nsa_hf.kernels.window import window_attention, window_attention_bwd, window_attention_fwd
@@ -84,23 +87,20 @@ def _check_compressed(B, Tq, Tk, HQ, HKV, DK, DV, l, d, cu_q=None, cu_k=None, se
 
 
 @pytest.fixture
-def small_tiles(monkeypatch):
+def small_tiles():
     """
     Interpreter tiles of 16: many tile edges on short sequences, groups wider than a tile (NUM_HC > 1), and the
     three-loop (masked / unmasked / masked) variant of the query-tiled kernels.
     """
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "split", True)
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "fwd_m", 16)
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "fwd_n", 16)
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "dkdv_n", 16)
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "dkdv_m", 16)
+    with override(band_tiles=dict(SPLIT=True, BLOCK_M=16, BLOCK_N=16, DKDV_BLOCK_N=16, DKDV_BLOCK_M=16)):
+        yield
 
 
 @pytest.fixture
-def split_loops(monkeypatch):
+def split_loops():
     """The three-loop variant of the query-tiled kernels, and the larger dK/dV key tile (its own work list)."""
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "split", True)
-    monkeypatch.setitem(common.INTERPRET_BLOCKS, "dkdv_large", True)
+    with override(band_tiles=dict(SPLIT=True, DKDV_WIDE=True)):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,28 +111,27 @@ def split_loops(monkeypatch):
 def test_attention_delta():
     gen = torch.Generator().manual_seed(1)
     o, do = torch.randn(2, 9, 3, 24, generator=gen), torch.randn(2, 9, 3, 24, generator=gen)
-    assert torch.allclose(common.attention_delta(o, do), (o * do).sum(-1), atol=1e-5)
+    assert torch.allclose(attention_delta(o, do), (o * do).sum(-1), atol=1e-5)
 
 
-def test_table_cache_is_per_tensor_object_and_version():
+def test_geometry_cache_is_per_tensor_object_and_version():
     cu = _cu([3, 4])
-    calls = []
-
-    def build():
-        calls.append(1)
-        return object()
-
-    first = common._cached(cu, ("t",), build)
-    assert common._cached(cu, ("t",), build) is first and len(calls) == 1
-    assert common._cached(_cu([3, 4]), ("t",), build) is not first  # another tensor object
-    cu[1] = 2  # in-place change bumps the version: rebuilt
-    assert common._cached(cu, ("t",), build) is not first and len(calls) == 3
+    q = torch.zeros(1, 7, 1, 16)
+    first = geometry(q, 7, cu, cu)
+    assert geometry(q, 7, cu, cu) is first
+    table = first.table(("t",), object)
+    assert first.table(("t",), object) is table  # device tables are built once per geometry
+    assert geometry(q, 7, _cu([3, 4]), _cu([3, 4])) is not first  # other tensor objects
+    cu[1] = 2  # in-place change bumps the version: rebuilt (and checked again)
+    second = geometry(q, 7, cu, cu)
+    assert second is not first and second.bounds_q == [0, 2, 7]
+    assert geometry(torch.zeros(2, 5, 1, 16), 9) is geometry(torch.zeros(2, 5, 1, 16), 9)  # plain batches by shape
 
 
 @pytest.mark.parametrize("d,pieces", [(16, (16, 0)), (64, (64, 0)), (128, (128, 0)), (192, (128, 64)), (96, (64, 32)),
-                                      (80, (64, 16)), (24, (32, 0)), (8, (16, 0)), (256, (256, 0))])
+                                      (80, (64, 16)), (24, (32, 0)), (8, (16, 0)), (256, (256, 0)), (112, (128, 0))])
 def test_split_head_dim(d, pieces):
-    assert common.split_head_dim(d) == pieces
+    assert split_head_dim(d) == pieces
     assert sum(pieces) >= d
 
 
@@ -204,10 +203,11 @@ def test_window_non_contiguous_inputs():
 def test_window_fwd_bwd_functions_with_given_delta():
     gen = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(1, 30, 4, 16, generator=gen), torch.randn(1, 30, 2, 16, generator=gen), torch.randn(1, 30, 2, 16, generator=gen)
-    o, lse = window_attention_fwd(q, k, v, 6, scale=0.3)
+    geo = geometry(q, k.shape[1])
+    o, lse = window_attention_fwd(q, k, v, 6, 0.3, geo)
     do = torch.randn_like(o)
     delta = (o * do).sum(-1)
-    grads = window_attention_bwd(do, q, k, v, o, lse, 6, scale=0.3, delta=delta)
+    grads = window_attention_bwd(do, q, k, v, None, lse, 6, 0.3, geo, delta=delta)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     ref = window_attention_ref(qr, kr, vr, 6, scale=0.3)
     assert _rel(o, ref) < CPU_TOL
@@ -280,12 +280,14 @@ def test_compressed_chunked_dkdv_atomics(varlen):
     cu = _cu([70, 6, 44]) if varlen else None
     q, k_cmp, v_cmp = _cmp_inputs(1, T, T, 4, 2, 16, 16, l, d, cu, gen)
     kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, num_keys=None if varlen else T)
-    o, lse = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, **kw)
+    geo = geometry(q, T, cu, cu)
+    o, lse = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, 16 ** -0.5, geo)
     do = torch.randn_like(o)
     ref, _ = compressed_attention_ref(q, k_cmp, v_cmp, l, d, **kw)
     expected = _grads(ref, (q, k_cmp, v_cmp), do)
     for q_chunk in (None, 16, 37):
-        grads = compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, l, d, q_chunk=q_chunk, **kw)
+        with override(compressed_q_chunk=q_chunk):
+            grads = compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, l, d, 16 ** -0.5, geo)
         for g, r in zip(grads, expected):
             assert g.dtype == torch.float32
             assert _rel(g, r) < CPU_TOL
@@ -329,14 +331,15 @@ def _gpu_compare(fn, ref_fn, tensors, do, tol=1e-2):
 
 
 @pytest.fixture
-def first_config(monkeypatch):
+def first_config():
     """Skip the autotuner's timing on the GPU (it compiles every configuration per shape): its first configuration."""
-    monkeypatch.setenv("NSA_HF_AUTOTUNE", "0")
     _clear_autotune_memory()
+    with override(autotune=False):
+        yield
 
 
 def _clear_autotune_memory():
-    for kernel in (common._fwd_kernel, common._dq_kernel, common._dkdv_kernel):
+    for kernel in (band_attention._fwd_kernel, band_attention_bwd._dq_kernel, band_attention_bwd._dkdv_kernel):
         if hasattr(kernel, "cache"):
             kernel.cache.clear()
 
@@ -404,24 +407,24 @@ def test_gpu_decoding_bf16(Tq, first_config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("DK,DV,index", [(192, 128, i) for i in range(3)] + [(128, 128, i) for i in range(5)])
-def test_gpu_every_autotune_config(DK, DV, index, monkeypatch):
+def test_gpu_every_autotune_config(DK, DV, index):
     """The autotuner may pick any configuration on any machine: each one must be right, for both branches."""
-    monkeypatch.setenv("NSA_HF_CONFIG_INDEX", str(index))
     _clear_autotune_memory()
     try:
-        torch.manual_seed(index)
-        dev, bf = "cuda", torch.bfloat16
-        T, HQ, HKV, l, d = 2048, 32, 2, 32, 16
-        cu = _cu([700, 3, 1345], dev)
-        q, k, v = _leaf((1, T, HQ, DK), bf, dev), _leaf((1, T, HKV, DK), bf, dev), _leaf((1, T, HKV, DV), bf, dev)
-        do = torch.randn(1, T, HQ, DV, device=dev, dtype=bf)
-        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
-        _gpu_compare(lambda *t: window_attention(*t, 256, **kw), lambda *t: window_attention_ref(*t, 256, **kw),
-                     (q, k, v), do)
-        _, k_cmp, v_cmp = _cmp_inputs(1, T, T, HQ, HKV, DK, DV, l, d, cu, None, bf, dev)
-        _gpu_compare(
-            lambda *t: compressed_attention(*t, l, d, **kw), lambda *t: compressed_attention_ref(*t, l, d, **kw),
-            (q, k_cmp, v_cmp), do,
-        )
+        with override(config_index=index):
+            torch.manual_seed(index)
+            dev, bf = "cuda", torch.bfloat16
+            T, HQ, HKV, l, d = 2048, 32, 2, 32, 16
+            cu = _cu([700, 3, 1345], dev)
+            q, k, v = _leaf((1, T, HQ, DK), bf, dev), _leaf((1, T, HKV, DK), bf, dev), _leaf((1, T, HKV, DV), bf, dev)
+            do = torch.randn(1, T, HQ, DV, device=dev, dtype=bf)
+            kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
+            _gpu_compare(lambda *t: window_attention(*t, 256, **kw), lambda *t: window_attention_ref(*t, 256, **kw),
+                         (q, k, v), do)
+            _, k_cmp, v_cmp = _cmp_inputs(1, T, T, HQ, HKV, DK, DV, l, d, cu, None, bf, dev)
+            _gpu_compare(
+                lambda *t: compressed_attention(*t, l, d, **kw), lambda *t: compressed_attention_ref(*t, l, d, **kw),
+                (q, k_cmp, v_cmp), do,
+            )
     finally:
         _clear_autotune_memory()

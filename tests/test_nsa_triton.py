@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from nsa_hf.kernels import compressed_cu_seqlens, nsa_attention, unfold_compression_blocks
-from nsa_hf.kernels.nsa import nsa_attention_triton
+from nsa_hf.kernels import _tiling, compressed_cu_seqlens, nsa_attention, unfold_compression_blocks
+from nsa_hf.kernels._tiling import override
 from nsa_hf.kernels.reference import nsa_attention_ref
+
+
+def nsa_attention_triton(*args, **kwargs):
+    """The seam with the Triton backend: on CPU tensors it runs in Triton's interpreter (TRITON_INTERPRET=1)."""
+    return nsa_attention(*args, backend="triton", **kwargs)
 
 SMALL = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4, window_size=24)
 
@@ -46,11 +51,11 @@ def test_triton_matches_reference_interpreter(HQ, HKV, T):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_with_forward_by_block_matches_reference_interpreter(monkeypatch):
-    """NSA_HF_SELECTED_FWD=by_block: the key-centric selected forward inside the full autograd path."""
-    monkeypatch.setenv("NSA_HF_SELECTED_FWD", "by_block")
+def test_triton_with_forward_by_block_matches_reference_interpreter():
+    """override(selected_fwd="by_block"): the key-centric selected forward inside the full autograd path."""
     q, k, v, gates, do = _inputs(2, 37, 8, 2, 16, 16, torch.float32, "cpu", seed=5)
-    got = _run(nsa_attention_triton, q, k, v, gates, do, SMALL)
+    with override(selected_fwd="by_block"):
+        got = _run(nsa_attention_triton, q, k, v, gates, do, SMALL)
     ref = _run(nsa_attention_ref, q, k, v, gates, do, SMALL)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), got, ref):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
@@ -67,12 +72,13 @@ def test_triton_varlen_matches_reference_interpreter():
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_backend_reference_on_cpu_and_triton_refused_on_cpu():
+def test_backend_reference_on_cpu_and_triton_refused_on_cpu(monkeypatch):
     q, k, v, gates, _ = _inputs(1, 40, 4, 2, 16, 16, torch.float32, "cpu")
     k_cmp = unfold_compression_blocks(k, 8, 4).mean(2)
     v_cmp = unfold_compression_blocks(v, 8, 4).mean(2)
     out = nsa_attention(q, k, v, k_cmp, v_cmp, gates, **SMALL)
     torch.testing.assert_close(out, nsa_attention_ref(q, k, v, k_cmp, v_cmp, gates, **SMALL))
+    monkeypatch.setattr(_tiling, "INTERPRET", False)  # without the interpreter, CPU tensors cannot take Triton
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         nsa_attention(q, k, v, k_cmp, v_cmp, gates, backend="triton", **SMALL)
     with pytest.raises(ValueError, match="backend"):
@@ -123,3 +129,41 @@ def test_triton_separate_window_kv_matches_reference_interpreter():
 
     for name, a, b in zip(("out", "dq", "dk", "dv", "dgates", "dk_win", "dv_win"), run(nsa_attention_triton), run(nsa_attention_ref)):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_call_reads_the_offsets_once(monkeypatch):
+    """
+    A packed step reads `cu_seqlens` on the host once (the first compression of the first layer): later layers, their
+    kernels and every backward build nothing from the offsets again. Counted on CPU tensors through the conversions
+    that sync with a GPU (tolist, item, bool/int/float of a tensor, cpu, numpy) made from nsa-hf's own code.
+    """
+    import os
+    import sys
+
+    import nsa_hf
+
+    package = os.path.dirname(nsa_hf.__file__)
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                reads.append(f"{name} at {caller[len(package):]}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    lengths = [50, 7, 81]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v, gates, do = _inputs(1, sum(lengths), 8, 2, 16, 16, torch.float32, "cpu", seed=4)
+    for layer in range(2):
+        k_cmp = unfold_compression_blocks(k, 8, 4, cu).mean(2)
+        v_cmp = unfold_compression_blocks(v, 8, 4, cu).mean(2)
+        out = nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, cu_seqlens_q=cu, cu_seqlens_k=cu, **SMALL)
+        out.backward(do)
+        assert len(reads) == 1, reads  # the first layer's first look at the offsets, nothing after it

@@ -1,6 +1,9 @@
 """
 The one seam between the model and the attention kernels: `nsa_attention`. The model never knows which backend ran:
 Triton on CUDA tensors where the kernels cover the shapes, the PyTorch reference everywhere else.
+
+Inputs are checked here, once per call, and the call's packed geometry is built here (`_geometry.py`): the branch
+kernels below, and their backwards, trust both.
 """
 
 import os
@@ -8,11 +11,13 @@ import warnings
 
 import torch
 
+from ._checks import check_block_sizes, check_int, check_packing, check_qkv, unsupported_reason
+from ._geometry import geometry
 from ._tiling import MAX_DECODE_QUERIES
-from .reference import check_query_key_lengths, nsa_attention_ref, nsa_decode_ref
+from .reference import nsa_attention_unchecked, nsa_decode_ref
 from .utils import compressed_cu_seqlens, num_compressed_blocks, unfold_compression_blocks
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around Triton 3.6 interpreter bugs
+if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around Triton interpreter bugs
     from ._interpreter import patch_triton_interpreter
 
     patch_triton_interpreter()
@@ -26,15 +31,34 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _triton_unsupported_reason(q, k, v) -> str | None:
+def _triton_unsupported_reason(*tensors: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot run these inputs, or None when they can."""
-    if not q.is_cuda:
-        return "inputs are not on a CUDA device"
     try:
-        from . import nsa as triton_nsa
+        from ._tiling import INTERPRET
+        from .nsa import nsa_attention_triton  # noqa: F401
     except ImportError as err:  # triton missing or too old
         return f"the Triton kernels could not be imported ({err})"
-    return triton_nsa.unsupported_reason(q, k, v)
+    if not tensors[0].is_cuda and not INTERPRET:
+        return "inputs are not on a CUDA device"
+    return unsupported_reason(*tensors)
+
+
+def _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win):
+    check_qkv(q, k, v)
+    check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    if k_cmp.shape[2] != k.shape[2] or v_cmp.shape[3] != v.shape[3]:
+        raise ValueError(f"k_cmp / v_cmp {tuple(k_cmp.shape)} / {tuple(v_cmp.shape)} must have the heads and value "
+                         f"dim of k / v {tuple(k.shape)} / {tuple(v.shape)}")
+    if (k_win is None) != (v_win is None):
+        raise ValueError("pass both `k_win` and `v_win`, or neither")
+    if k_win is not None:
+        check_qkv(q, k_win, v_win, "k_win", "v_win")
+        if k_win.shape[:3] != k.shape[:3] or v_win.shape[3] != v.shape[3]:
+            raise ValueError(f"k_win / v_win {tuple(k_win.shape)} / {tuple(v_win.shape)} must have the shapes of "
+                             f"k / v {tuple(k.shape)} / {tuple(v.shape)}")
+    if gates.shape != (*q.shape[:3], 3) or gates.device != q.device:
+        raise ValueError(f"gates must have shape {(*q.shape[:3], 3)} on {q.device}, got {tuple(gates.shape)} on "
+                         f"{gates.device}")
 
 
 def nsa_attention(
@@ -72,42 +96,49 @@ def nsa_attention(
         gates: `[batch, q_len, num_heads, 3]` branch gates (cmp, slc, win) in [0, 1].
         k_win, v_win: window-branch keys/values when they are not shared with the selection branch.
         cu_seqlens_q, cu_seqlens_k: `[num_docs + 1]` int32 offsets of packed documents (batch must be 1); compressed
-            keys are then packed per document, see `compressed_cu_seqlens`.
-        backend: `"auto"` (Triton on CUDA when supported, else the reference), `"triton"` or `"reference"`.
+            keys are then packed per document, see `compressed_cu_seqlens`. Their values are read on the host once
+            per tensor object (the one host sync of a packed step, when every layer passes the same tensors).
+        backend: `"auto"` (Triton on CUDA when supported, else the reference), `"triton"` (also on CPU tensors under
+            `TRITON_INTERPRET=1`, Triton's interpreter) or `"reference"`.
 
     Returns:
         `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q`.
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-    check_query_key_lengths(q, k, cu_seqlens_q, cu_seqlens_k)
-    if gates.shape != (*q.shape[:3], 3):
-        raise ValueError(f"gates must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
-    kwargs = dict(
-        compress_block_size=compress_block_size, compress_stride=compress_stride, select_block_size=select_block_size,
+    _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    l, d = compress_block_size, compress_stride
+    check_block_sizes(l, d, select_block_size, num_selected_blocks, num_initial_blocks, num_local_blocks)
+    check_int("window_size", window_size)
+    check_packing(q, cu_seqlens_q, cu_seqlens_k)
+    geo = geometry(q, k.shape[1], cu_seqlens_q, cu_seqlens_k)
+    if geo.varlen and k_cmp.shape[1] != geo.num_compressed(l, d):
+        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed blocks, the documents of cu_seqlens_k have "
+                         f"{geo.num_compressed(l, d)}")
+    settings = dict(
+        compress_block_size=l, compress_stride=d, select_block_size=select_block_size,
         num_selected_blocks=num_selected_blocks, window_size=window_size, num_initial_blocks=num_initial_blocks,
-        num_local_blocks=num_local_blocks, scale=scale, k_win=k_win, v_win=v_win,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        num_local_blocks=num_local_blocks, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
     )
-    if backend != "reference":
-        reason = _triton_unsupported_reason(q, k, v)
+    if backend != "reference" and (backend == "triton" or q.is_cuda):
+        tensors = (q, k, v, k_cmp, v_cmp) + (() if k_win is None else (k_win, v_win))
+        reason = _triton_unsupported_reason(*tensors)
         if reason is None:
             from .nsa import nsa_attention_triton
 
-            return nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, **kwargs)
+            return nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, **settings)
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
-        if q.is_cuda:
-            _warn_once(f"nsa_attention: falling back to the PyTorch reference because {reason}; it is much slower.")
-    return nsa_attention_ref(q, k, v, k_cmp, v_cmp, gates, **kwargs)
+        _warn_once(f"nsa_attention: falling back to the PyTorch reference because {reason}; it is much slower.")
+    return nsa_attention_unchecked(
+        q, k, v, k_cmp, v_cmp, gates, k_win=k_win, v_win=v_win, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        **settings,
+    )
 
 
-def _decode_unsupported_reason(q, k, v, select_block_size, compress_stride) -> str | None:
-    reason = _triton_unsupported_reason(q, k, v)
+def _decode_unsupported_reason(tensors, select_block_size, compress_stride) -> str | None:
+    q, k = tensors[:2]
+    reason = _triton_unsupported_reason(*tensors)
     if reason is not None:
         return reason
     ratio = select_block_size // compress_stride
@@ -188,30 +219,22 @@ def nsa_decode(
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
-    B, Tq = q.shape[:2]
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != B:
-        raise ValueError(f"q, k, v must be [batch, seq, heads, dim] with one batch, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-    if k_cmp.shape[0] != B or k_cmp.shape[2:] != k.shape[2:] or v_cmp.shape[:3] != k_cmp.shape[:3]:
-        raise ValueError(f"k_cmp / v_cmp must be [batch, blocks, {k.shape[2]}, dim], got {tuple(k_cmp.shape)} / "
-                         f"{tuple(v_cmp.shape)}")
-    if gates.shape != (*q.shape[:3], 3):
-        raise ValueError(f"gates must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
-    if query_positions.shape != (B, Tq) or query_positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"query_positions must be an int32/int64 tensor of shape {(B, Tq)}, got "
+    _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    check_block_sizes(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
+                      num_initial_blocks, num_local_blocks)
+    check_int("window_size", window_size)
+    if query_positions.shape != q.shape[:2] or query_positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"query_positions must be an int32/int64 tensor of shape {tuple(q.shape[:2])}, got "
                          f"{query_positions.dtype} {tuple(query_positions.shape)}")
-    if (k_win is None) != (v_win is None):
-        raise ValueError("pass both `k_win` and `v_win`, or neither")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     settings = dict(
         compress_block_size=compress_block_size, compress_stride=compress_stride, select_block_size=select_block_size,
         num_selected_blocks=num_selected_blocks, window_size=window_size, num_initial_blocks=num_initial_blocks,
         num_local_blocks=num_local_blocks, scale=scale,
     )
-    if backend != "reference":
-        reason = _decode_unsupported_reason(q, k, v, select_block_size, compress_stride)
+    if backend != "reference" and (backend == "triton" or q.is_cuda):
+        tensors = (q, k, v, k_cmp, v_cmp) + (() if k_win is None else (k_win, v_win))
+        reason = _decode_unsupported_reason(tensors, select_block_size, compress_stride)
         if reason is None:
             gates = gates if gates.stride(-1) == 1 else gates.contiguous()
             if torch.compiler.is_compiling():
@@ -223,11 +246,11 @@ def nsa_decode(
                                      **settings)
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
-        if q.is_cuda:
-            _warn_once(f"nsa_decode: falling back to the PyTorch reference because {reason}; it is much slower.")
+        _warn_once(f"nsa_decode: falling back to the PyTorch reference because {reason}; it is much slower.")
     return nsa_decode_ref(q, k, v, k_cmp, v_cmp, gates, query_positions, k_win=k_win, v_win=v_win, **settings)
 
 
 __all__ = [
-    "MAX_DECODE_QUERIES", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "num_compressed_blocks", "unfold_compression_blocks",
+    "MAX_DECODE_QUERIES", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "num_compressed_blocks",
+    "unfold_compression_blocks",
 ]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import INTERPRET, LOG2E, MAX_DECODE_QUERIES, dot_precision, next_pow2, split_head_dim
+from ._tiling import LOG2E, device_limits, dot_precision, next_pow2, split_head_dim
 from .selection import KEY_MAX_LOW, _merge_chunk
 
 # Integer arguments that change with the cache's capacity or the batch: never specialised, so that a new length
@@ -344,17 +344,8 @@ def _combine_kernel(
     tl.store(OUT + b * stride_ob + i * stride_ot + head * stride_oh + dv, out.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
-_NUM_SMS: dict = {}
 _PROGRAMS_PER_SM = 4  # launch geometry and pipelining of the decode kernels (benchmarks/sweep_decode.py)
 _NUM_STAGES = 1
-
-
-def _num_sms(device: torch.device) -> int:
-    if INTERPRET or device.type != "cuda":
-        return 4
-    if device not in _NUM_SMS:
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _NUM_SMS[device]
 
 
 def _grid_plan(num_rows: int, num_items: int, sms: int) -> tuple[int, int]:
@@ -389,7 +380,7 @@ def nsa_decode_triton(
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     device = q.device
-    sms = _num_sms(device)
+    sms = device_limits(device).num_sms
 
     rows = B * Tq * HQ
     num_chunks = max(triton.cdiv(k_cmp.shape[1], BN), triton.cdiv(triton.cdiv(cap, lp) * R, BN), 1)

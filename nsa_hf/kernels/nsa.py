@@ -1,32 +1,22 @@
 """
 Triton backend of `nsa_attention`: the three branch kernels, the block selection between them, and a fused gated sum,
 under one autograd.Function so the backward runs the branch backwards directly (no autograd graph of elementwise
-ops, one pass over the branch outputs for the gates).
+ops, one pass over the branch outputs for the gates). Its inputs are checked by `nsa_attention`, which also builds the
+call's geometry (`_geometry.py`); nothing here checks or syncs with the host.
 """
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._geometry import Geometry
+from ._tiling import SWITCHES, next_pow2
 from .compressed import compressed_attention_bwd, compressed_attention_fwd
 from .selected import selected_attention_bwd, selected_attention_fwd
-from .selection import select_blocks
+from .selection import select_blocks_fwd
 from .window import window_attention_bwd, window_attention_fwd
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-
-
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why these inputs are outside what the kernels cover, or None."""
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the kernels take one of {SUPPORTED_DTYPES} for q, k and v)"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} (the kernels take at most {MAX_HEAD_DIM})"
-    return None
 
 
 @triton.jit
@@ -69,7 +59,7 @@ def _gate_combine_bwd_kernel(
 
 
 def _combine_launch(DV):
-    BD = triton.next_power_of_2(DV)
+    BD = next_pow2(DV)
     return BD, max(1, 4096 // BD)
 
 
@@ -108,7 +98,7 @@ def _fork(x):
     math while the selection branch is bound by gathers of K/V blocks, so the two overlap on the GPU. None (no
     overlap) on CPU, during CUDA-graph capture, or with NSA_HF_STREAMS=0.
     """
-    if not x.is_cuda or os.environ.get("NSA_HF_STREAMS", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if not x.is_cuda or not SWITCHES.streams or torch.cuda.is_current_stream_capturing():
         return None
     side = _SIDE_STREAMS.get(x.device)
     if side is None:
@@ -134,71 +124,54 @@ def _join(side, *made_on_side):
 
 class NSAAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_q, cu_k,
-        l, d, lp, n, w, num_initial, num_local, scale,
-    ):
+    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo: Geometry, settings: tuple):
+        l, d, lp, n, w, num_initial, num_local, scale = settings
         shared_win = k_win is None
         kw, vw = (k, v) if shared_win else (k_win, v_win)
-        varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         side = _fork(q)
         with _on(side):
-            o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale=scale, **varlen)
-        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale=scale, num_keys=k.shape[1], **varlen)
-        block_indices = select_blocks(
-            q, k_cmp, lse_cmp, l, d, lp, n, num_initial, num_local, scale=scale, num_keys=k.shape[1], **varlen
-        )
-        o_slc, lse_slc = selected_attention_fwd(
-            q, k, v, block_indices, lp, scale=scale, fwd_mode=os.environ.get("NSA_HF_SELECTED_FWD", "tiled"), **varlen
-        )
+            o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale, geo)
+        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale, geo)
+        block_indices = select_blocks_fwd(q, k_cmp, lse_cmp, geo, l, d, lp, n, num_initial, num_local, scale)
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, lp, scale, geo)
         _join(side, o_win, lse_win)
         gates = gates.contiguous()
         out = gate_combine_fwd(o_cmp, o_slc, o_win, gates)
         ctx.save_for_backward(
-            q, k, v, k_cmp, v_cmp, gates, kw, vw, cu_q, cu_k, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
-            block_indices,
+            q, k, v, k_cmp, v_cmp, gates, kw, vw, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices,
         )
-        ctx.settings = (l, d, lp, w, scale, shared_win)
+        ctx.settings, ctx.geo, ctx.shared_win = settings, geo, shared_win
         ctx.mark_non_differentiable(block_indices)
         return out, block_indices
 
     @staticmethod
     def backward(ctx, do, _unused):
-        (q, k, v, k_cmp, v_cmp, gates, kw, vw, cu_q, cu_k, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+        (q, k, v, k_cmp, v_cmp, gates, kw, vw, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
          block_indices) = ctx.saved_tensors
-        l, d, lp, w, scale, shared_win = ctx.settings
-        varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        l, d, lp, _, w, _, _, scale = ctx.settings
+        geo = ctx.geo
         do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
         # No side stream here: on an H100 (paper layout, 64k) the overlapped backward measured 6 ms slower, while the
         # overlapped forward gains about 1 ms (benchmarks/results/logs/bench_side_stream_h100.log).
-        dq_win, dk_win, dv_win = window_attention_bwd(
-            do_win, q, kw, vw, None, lse_win, w, scale=scale, delta=deltas[2], **varlen
-        )
+        dq_win, dk_win, dv_win = window_attention_bwd(do_win, q, kw, vw, None, lse_win, w, scale, geo, delta=deltas[2])
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
-            do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale=scale, num_keys=k.shape[1], delta=deltas[0], **varlen
+            do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale, geo, delta=deltas[0]
         )
-        dq_slc, dk, dv = selected_attention_bwd(
-            do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, cu_q, cu_k, delta=deltas[1]
-        )
+        dq_slc, dk, dv = selected_attention_bwd(do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, geo,
+                                                delta=deltas[1])
         dq = dq.add_(dq_slc).add_(dq_win)
-        if shared_win:
+        if ctx.shared_win:
             dk, dv = dk.add_(dk_win), dv.add_(dv_win)
             dk_win = dv_win = None
-        return (dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win) + (None,) * 10
+        return dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win, None, None
 
 
 def nsa_attention_triton(
-    q, k, v, k_cmp, v_cmp, gates, *, compress_block_size, compress_stride, select_block_size, num_selected_blocks,
-    window_size, num_initial_blocks=1, num_local_blocks=2, scale=None, k_win=None, v_win=None,
-    cu_seqlens_q=None, cu_seqlens_k=None,
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo: Geometry, *, compress_block_size, compress_stride,
+    select_block_size, num_selected_blocks, window_size, num_initial_blocks, num_local_blocks, scale,
 ):
-    """Same contract as `nsa_hf.kernels.nsa_attention`."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if (k_win is None) != (v_win is None):
-        raise ValueError("pass both `k_win` and `v_win`, or neither")
-    out, _ = NSAAttentionFunction.apply(
-        q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens_q, cu_seqlens_k,
-        compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size,
-        num_initial_blocks, num_local_blocks, scale,
-    )
+    """`nsa_hf.kernels.nsa_attention` on inputs it has checked, `geo` their geometry and `scale` resolved."""
+    settings = (compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size,
+                num_initial_blocks, num_local_blocks, scale)
+    out, _ = NSAAttentionFunction.apply(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, settings)
     return out

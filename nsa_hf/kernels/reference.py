@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from .utils import compressed_cu_seqlens
+from ._checks import check_document_lengths, check_packing, check_query_count
+from .utils import compressed_cu_seqlens, host_offsets
 
 _QUERY_CHUNK = 1024  # bounds the [Tq, Tk] score matrix the reference holds at once
 
@@ -85,33 +86,11 @@ def _per_document(fn, q, cu_seqlens_q, cu_seqlens_k, *tensors_k, cu_seqlens_cmp=
 
 def check_query_key_lengths(q, k, cu_seqlens_q=None, cu_seqlens_k=None):
     """Validate the packing arguments and that every document has at least as many keys as queries."""
-    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
-        raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
+    check_packing(q, cu_seqlens_q, cu_seqlens_k)
     if cu_seqlens_q is None:
-        if q.shape[1] > k.shape[1]:
-            raise ValueError(
-                f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): queries are the last positions of the keys, "
-                "so q_len must be at most k_len"
-            )
-        return
-    if q.shape[0] != 1:
-        raise ValueError(f"with `cu_seqlens_q` the batch size must be 1 (documents packed along seq), got {q.shape[0]}")
-    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(
-            f"`cu_seqlens_q` and `cu_seqlens_k` must be 1-D and of equal length, got shapes "
-            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
-        )
-    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    bad = [i for i, (a, b) in enumerate(zip(len_q, len_k)) if a > b or a < 0]
-    if bad:
-        i = bad[0]
-        raise ValueError(f"document {i} has {len_q[i]} queries and {len_k[i]} keys; each must have 0 <= q_len <= k_len")
-    if cu_seqlens_q[-1] != q.shape[1] or cu_seqlens_k[-1] != k.shape[1]:
-        raise ValueError(
-            f"`cu_seqlens_q[-1]`={int(cu_seqlens_q[-1])} / `cu_seqlens_k[-1]`={int(cu_seqlens_k[-1])} must equal the "
-            f"packed lengths of q ({q.shape[1]}) / k ({k.shape[1]})"
-        )
+        check_query_count(q.shape[1], k.shape[1])
+    else:
+        check_document_lengths(*host_offsets(cu_seqlens_q, cu_seqlens_k), q.shape[1], k.shape[1])
 
 
 def compressed_attention_ref(
@@ -274,6 +253,20 @@ def nsa_attention_ref(
         `[B, Tq, HQ, DV]` in q's dtype; with `return_block_indices`, also the int32 `[B, Tq, HKV, n]` selection.
     """
     check_query_key_lengths(q, k, cu_seqlens_q, cu_seqlens_k)
+    return nsa_attention_unchecked(
+        q, k, v, k_cmp, v_cmp, gates, compress_block_size=compress_block_size, compress_stride=compress_stride,
+        select_block_size=select_block_size, num_selected_blocks=num_selected_blocks, window_size=window_size,
+        num_initial_blocks=num_initial_blocks, num_local_blocks=num_local_blocks, scale=scale, k_win=k_win,
+        v_win=v_win, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_block_indices=return_block_indices,
+    )
+
+
+def nsa_attention_unchecked(
+    q, k, v, k_cmp, v_cmp, gates, *, compress_block_size, compress_stride, select_block_size, num_selected_blocks,
+    window_size, num_initial_blocks=1, num_local_blocks=2, scale=None, k_win=None, v_win=None,
+    cu_seqlens_q=None, cu_seqlens_k=None, return_block_indices=False,
+):
+    """`nsa_attention_ref` on inputs `nsa_attention` (or `nsa_attention_ref`) has checked."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
@@ -283,7 +276,7 @@ def nsa_attention_ref(
         bq = cu_seqlens_q.tolist()
 
         def one(n, qd, kd, vd, kwd, vwd, kcd, vcd):
-            return nsa_attention_ref(
+            return nsa_attention_unchecked(
                 qd, kd, vd, kcd, vcd, gates[:, bq[n] : bq[n + 1]], compress_block_size=l, compress_stride=d,
                 select_block_size=lp, num_selected_blocks=num_selected_blocks, window_size=window_size,
                 num_initial_blocks=num_initial_blocks, num_local_blocks=num_local_blocks, scale=scale,

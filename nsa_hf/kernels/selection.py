@@ -24,24 +24,33 @@ Design (one program = a tile of BM query positions x ALL G query heads of one KV
 
 Work is O(Tq * HQ * Nc_visible * DK) (the same dot as the compressed attention's logits: one exp2 per query head and
 visible compression block) plus O(Tq * HKV * NS_visible * log^2 N_PAD) for the merges; memory O(Tq * HKV * n).
-The heaviest (last) query tiles are launched first. Tiles come from an autotuned list (`_CANDIDATES`); the
-interpreter, tests (`_config`) and split launches use one fixed tile.
+The heaviest (last) query tiles are launched first. Tiles come from an autotuned list (`_tiling.SELECTION_CONFIGS`);
+the interpreter, tests (`override(selection_tile=...)`) and split launches use one fixed tile.
 
 Few queries with long keys (decoding) split the selection blocks over several programs; each writes its best
 N_PAD keys (O(Tq * HKV * splits * n) int64) and a small PyTorch pass merges them.
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
-from ._attention_common import DECODE_ROWS, choose_configs
-from .utils import compressed_cu_seqlens
+from ._checks import check_block_sizes, check_kernel_inputs, check_packing
+from ._geometry import Geometry, geometry
+from ._tiling import (
+    DECODE_ROWS,
+    INTERPRET,
+    LOG2E,
+    SELECTION_CONFIGS,
+    SWITCHES,
+    choose_configs,
+    device_limits,
+    next_pow2,
+    split_head_dim,
+    tuning,
+)
 
-_LOG2E = 1.4426950408889634
 _MAX_LOW = 2**31 - 1  # low word of a key is _MAX_LOW - block index
 KEY_MAX_LOW = tl.constexpr(_MAX_LOW)
 KEY_INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32: the score of a fixed block
@@ -66,10 +75,6 @@ def _rank_above(mask, b):
 @constexpr_function
 def _bit_set(mask, b):
     return (int(mask) >> int(b)) & 1 == 1
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,20 +342,6 @@ def _select_kernel(
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
 
-# Candidate tiles as (rows = positions x heads, compression blocks per chunk, warps, stages); `_prune_configs` turns
-# them into concrete (ROWS, BS) for the group size, l'/d and n of the call.
-_CANDIDATES = [
-    (64, 64, 4, 2),
-    (128, 64, 4, 2),
-    (64, 128, 4, 2),
-    (128, 64, 8, 2),
-    (128, 64, 8, 3),
-    (256, 64, 8, 2),
-    (256, 64, 8, 3),
-    (128, 128, 8, 2),
-]
-_GPU_CONFIGS = [triton.Config({"ROWS": r, "BS": c}, num_warps=w, num_stages=s) for r, c, w, s in _CANDIDATES]
-
 
 def _head_mask(rows: int, num_warps: int, g_pad: int) -> int:
     """
@@ -372,12 +363,14 @@ def _prune_configs(configs, named_args, **kwargs):
     g_pad, n_pad, r_pad = kwargs["G_PAD"], kwargs["N_PAD"], kwargs["R_PAD"]
     dk_pad = kwargs["D1"] + kwargs["D2"]
     min_bs = max(16, n_pad)
+    q = named_args.get("Q")
+    rules = tuning(device_limits(q.device if isinstance(q, torch.Tensor) else None))
     kept, seen = [], set()
     for cfg in configs:
         rows = min(max(cfg.kwargs["ROWS"], g_pad, 16), 128 * g_pad)  # at most 128 positions per tile
         bs = max(min_bs, cfg.kwargs["BS"] // r_pad)  # the candidate's "BS" is its number of compression blocks
         threads = 32 * cfg.num_warps
-        if rows * bs * r_pad > threads * 64 or rows * dk_pad > threads * 128:  # P tile / q tile register budget
+        if rows * bs * r_pad > threads * rules.selection_p_regs or rows * dk_pad > threads * rules.selection_q_regs:
             continue
         key = (rows, bs, cfg.num_warps, cfg.num_stages)
         if key not in seen:
@@ -394,24 +387,141 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _select_kernel_tuned = triton.autotune(
-    configs=_GPU_CONFIGS,
+    configs=SELECTION_CONFIGS,
     key=["T_BUCKET", "HKV", "G_PAD", "D1", "D2", "R_PAD", "C", "N_PAD", "VARLEN", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_select_kernel)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fixed_tile(g_pad: int, n_pad: int, max_q: int, num_sel: int, on_gpu: bool) -> dict:
+    """
+    The tile of untimed launches: the interpreter (few big programs: its cost is per operation), split launches, and
+    tests (`override(selection_tile=...)`).
+    """
+    forced = SWITCHES.selection_tile
+    if forced is not None:
+        tile = {"ROWS": forced["ROWS"], "BS": forced["BS"]}
+        if tile["ROWS"] < max(16, g_pad) or tile["BS"] < max(16, n_pad):
+            raise ValueError(
+                f"selection_tile {forced} needs ROWS >= max(16, G_PAD={g_pad}) and BS >= max(16, N_PAD={n_pad})"
+            )
+    elif on_gpu:
+        tile = {"ROWS": max(16, g_pad), "BS": max(16, n_pad)}
+    else:
+        bm = min(64, next_pow2(max_q))
+        tile = {"ROWS": max(16, bm * g_pad), "BS": max(16, n_pad, min(64, next_pow2(num_sel)))}
+    if forced is not None and "HEAD_MASK" in forced:
+        tile["HEAD_MASK"] = forced["HEAD_MASK"]
+        if bin(tile["HEAD_MASK"]).count("1") != g_pad.bit_length() - 1 or tile["HEAD_MASK"] >= tile["ROWS"]:
+            raise ValueError(f"selection_tile HEAD_MASK must have log2(G_PAD={g_pad}) bits below ROWS={tile['ROWS']}")
+    else:
+        tile["HEAD_MASK"] = _head_mask(tile["ROWS"], 4, g_pad)
+    return tile
+
+
+def select_blocks_fwd(
+    q, k_cmp, lse_cmp, geo: Geometry, compress_block_size: int, compress_stride: int, select_block_size: int,
+    num_selected_blocks: int, num_initial_blocks: int, num_local_blocks: int, scale: float,
+) -> torch.Tensor:
+    """The launcher of `select_blocks` on checked inputs (`scale` resolved, `geo` the call's geometry)."""
+    l, d, lp, n = compress_block_size, compress_stride, select_block_size, num_selected_blocks
+    B, Tq, HQ, DK = q.shape
+    HKV = k_cmp.shape[2]
+    G = HQ // HKV
+    device = q.device
+    out = torch.full((B, Tq, HKV, n), -1, dtype=torch.int32, device=device)
+    max_q, Tk = geo.max_q, geo.max_k  # the longest document's queries and keys
+    if B == 0 or Tq == 0 or max_q == 0:
+        return out
+    if geo.varlen:
+        cu_q, cu_k, cu_c = geo.cu_q, geo.cu_k, geo.compressed_offsets(l, d)
+    else:
+        cu_q = cu_k = cu_c = geo.dummy
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
+    lse_cmp = lse_cmp.to(torch.float32)
+    n_pad = max(next_pow2(n), 1)
+    g_pad = next_pow2(G)
+    d1, d2 = split_head_dim(DK)
+    r, c = lp // d, l // d
+    r_pad = next_pow2(r)
+    num_bh = geo.num_docs * HKV
+    const = dict(
+        HKV=HKV, G=G, G_PAD=g_pad, DK=DK, D1=d1, D2=d2, CMP_LEN=l, STRIDE=d, SEL_LEN=lp, R=r, R_PAD=r_pad, C=c,
+        N=n, N_PAD=n_pad, N_INIT=num_initial_blocks, N_LOCAL=num_local_blocks, VARLEN=geo.varlen,
+        FP32_DOT=q.dtype == torch.float32,
+    )
+    args = (
+        q, k_cmp, lse_cmp, out, None, cu_q, cu_k, cu_c,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        lse_cmp.stride(0), lse_cmp.stride(1), lse_cmp.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        Tq, Tk, k_cmp.shape[1], num_bh,
+    )
+    t_bucket = max(16, next_pow2(max(max_q, 1)))
+    num_sel = triton.cdiv(Tk, lp)  # selection blocks of the longest document
+    on_gpu = q.is_cuda and not INTERPRET
+    fixed = _fixed_tile(g_pad, n_pad, max_q, num_sel, on_gpu)
+    tiles_fixed = triton.cdiv(max_q, fixed["ROWS"] // g_pad)
+    chunks = triton.cdiv(num_sel, fixed["BS"])
+
+    # Decoding-like launches (few query tiles, many selection blocks) split the selection blocks over programs.
+    if SWITCHES.selection_splits is not None:
+        num_splits = max(1, min(SWITCHES.selection_splits, chunks))
+    elif on_gpu:
+        sms = device_limits(device).num_sms
+        programs = tiles_fixed * num_bh
+        num_splits = 1
+        if programs < sms and chunks >= 8:
+            num_splits = max(1, min(triton.cdiv(chunks, 2), triton.cdiv(2 * sms, programs)))
+    else:
+        num_splits = 1
+
+    if num_splits > 1:
+        split_chunks = triton.cdiv(chunks, num_splits)
+        num_splits = triton.cdiv(chunks, split_chunks)
+        ws = torch.empty((B * Tq, HKV, num_splits, n_pad), dtype=torch.int64, device=device)
+        args = args[:4] + (ws,) + args[5:]
+        grid = (num_bh * tiles_fixed * num_splits,)
+        _select_kernel[grid](
+            *args, max_q, num_splits, split_chunks, scale * LOG2E, t_bucket,
+            **const, SPLIT=True, **fixed, num_warps=4, num_stages=1,
+        )
+        return _finish_splits(ws, n, B, Tq, HKV)
+
+    if on_gpu and SWITCHES.selection_tile is None:
+        def grid(meta):
+            return (num_bh * triton.cdiv(max_q, meta["ROWS"] // g_pad),)
+
+        _select_kernel_tuned[grid](*args, max_q, 1, 0, scale * LOG2E, t_bucket, **const, SPLIT=False)
+    else:
+        grid = (num_bh * tiles_fixed,)
+        _select_kernel[grid](
+            *args, max_q, 1, 0, scale * LOG2E, t_bucket, **const, SPLIT=False, **fixed, num_warps=4, num_stages=1,
+        )
+    return out
+
+
+def _finish_splits(ws: torch.Tensor, n: int, B: int, Tq: int, HKV: int) -> torch.Tensor:
+    """Merge the per-split best keys `[B*Tq, HKV, S, N_PAD]` into the final ascending `[B, Tq, HKV, n]` indices."""
+    keys = ws.flatten(2)
+    top = torch.topk(keys, n, dim=-1).values  # descending keys = best blocks first, ties to the lower block
+    idx = torch.where(top >= 0, _MAX_LOW - (top & 0xFFFFFFFF), torch.full_like(top, _MAX_LOW))
+    idx = torch.sort(idx, dim=-1).values
+    idx = torch.where(idx == _MAX_LOW, torch.full_like(idx, -1), idx)
+    return idx.to(torch.int32).reshape(B, Tq, HKV, n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
 def select_blocks(
@@ -428,8 +538,6 @@ def select_blocks(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     num_keys: int | None = None,
-    _num_splits: int | None = None,
-    _config: dict | None = None,
 ) -> torch.Tensor:
     """
     Top-n selection blocks of every query and KV head (NSA Eqs. 8-11), scored from the compressed attention.
@@ -450,178 +558,36 @@ def select_blocks(
         cu_seqlens_q, cu_seqlens_k: `[num_docs + 1]` int32 offsets of packed documents (batch 1).
         num_keys: Tk, the key length when `Tq < Tk` (queries are the last Tq positions); default Tq. Ignored (taken
             from `cu_seqlens_k`) for packed documents.
-        _num_splits, _config: for tests only: force the split (decoding) launch with this many splits / a fixed tile
-            `dict(ROWS=..., BS=..., HEAD_MASK=...)` instead of the autotuned one.
 
     Returns:
         int32 `[B, Tq, HKV, n]`: selected block indices in ascending order, `-1` padding where fewer than n blocks
         (those with `j * l' <= t`) are eligible.
     """
-    l, d, lp, n = compress_block_size, compress_stride, select_block_size, num_selected_blocks
-    for name, value, minimum in (
-        ("compress_block_size", l, 1), ("compress_stride", d, 1), ("select_block_size", lp, 1),
-        ("num_selected_blocks", n, 1), ("num_initial_blocks", num_initial_blocks, 0),
-        ("num_local_blocks", num_local_blocks, 0),
-    ):
-        _check_int(name, value, minimum)
-    if l % d != 0:
-        raise ValueError(f"`compress_stride` ({d}) must divide `compress_block_size` ({l})")
-    if lp % d != 0:
-        raise ValueError(f"`compress_stride` ({d}) must divide `select_block_size` ({lp})")
-    if lp < l:
-        raise ValueError(f"`select_block_size` ({lp}) must be at least `compress_block_size` ({l})")
+    check_block_sizes(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
+                      num_initial_blocks, num_local_blocks)
     if q.dim() != 4 or k_cmp.dim() != 4:
-        raise ValueError(f"q and k_cmp must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k_cmp.shape)}")
+        raise ValueError(
+            f"q and k_cmp must be 4-D [batch, seq, heads, dim], got {tuple(q.shape)}, {tuple(k_cmp.shape)}"
+        )
     B, Tq, HQ, DK = q.shape
     HKV = k_cmp.shape[2]
     if HKV < 1 or HQ % HKV != 0:
         raise ValueError(f"query heads ({HQ}) must be a multiple of the compressed keys' heads ({HKV})")
     if k_cmp.shape[0] != B or k_cmp.shape[3] != DK:
         raise ValueError(f"k_cmp {tuple(k_cmp.shape)} does not match q {tuple(q.shape)} in batch or head dim")
-    if not 1 <= DK <= 256:
-        raise ValueError(f"head dim must be in 1..256, got {DK}")
     if tuple(lse_cmp.shape) != (B, Tq, HQ):
         raise ValueError(f"lse_cmp must have shape {(B, Tq, HQ)}, got {tuple(lse_cmp.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if k_cmp.dtype != q.dtype:
-        raise ValueError(f"k_cmp dtype {k_cmp.dtype} must equal q dtype {q.dtype}")
-    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
-        raise ValueError("pass both `cu_seqlens_q` and `cu_seqlens_k`, or neither")
-    varlen = cu_seqlens_q is not None
+    check_kernel_inputs(q, k_cmp)
+    check_packing(q, cu_seqlens_q, cu_seqlens_k)
+    geo = geometry(q, num_keys if cu_seqlens_q is None else None, cu_seqlens_q, cu_seqlens_k)
+    if geo.varlen and k_cmp.shape[1] != geo.num_compressed(compress_block_size, compress_stride):
+        raise ValueError(
+            f"k_cmp holds {k_cmp.shape[1]} compressed blocks, the documents of cu_seqlens_k have "
+            f"{geo.num_compressed(compress_block_size, compress_stride)}"
+        )
     scale = DK ** -0.5 if scale is None else float(scale)
-    G = HQ // HKV
-    device = q.device
-
-    if varlen:
-        if B != 1:
-            raise ValueError(f"with `cu_seqlens_q` the batch size must be 1 (documents packed along seq), got {B}")
-        if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
-            raise ValueError("`cu_seqlens_q` and `cu_seqlens_k` must both hold num_docs + 1 >= 2 offsets")
-        cu_q = cu_seqlens_q.to(device=device, dtype=torch.int32)
-        cu_k = cu_seqlens_k.to(device=device, dtype=torch.int32)
-        cu_c = compressed_cu_seqlens(cu_k, l, d).to(torch.int32)
-        host = torch.cat([cu_q, cu_k, cu_c]).tolist()  # the one host sync of a packed call
-        nd1 = cu_q.numel()
-        bq, bk = host[:nd1], host[nd1 : 2 * nd1]
-        lens_q = [b - a for a, b in zip(bq[:-1], bq[1:])]
-        lens_k = [b - a for a, b in zip(bk[:-1], bk[1:])]
-        n_cmp_total = host[-1]
-        if bq[-1] != Tq:
-            raise ValueError(f"cu_seqlens_q[-1] ({bq[-1]}) must equal the packed query length {Tq}")
-        if any(a > b for a, b in zip(lens_q, lens_k)):
-            raise ValueError("every document needs at least as many keys as queries (cu_seqlens_k vs cu_seqlens_q)")
-        if k_cmp.shape[1] != n_cmp_total:
-            raise ValueError(
-                f"k_cmp holds {k_cmp.shape[1]} compressed blocks, the documents of cu_seqlens_k have {n_cmp_total}")
-        num_docs = len(lens_q)
-        max_q = max(lens_q) if lens_q else 0
-        max_k = max(lens_k) if lens_k else 0
-        Tk = max_k
-    else:
-        Tk = Tq if num_keys is None else int(num_keys)
-        if Tk < Tq:
-            raise ValueError(f"num_keys ({Tk}) must be at least the number of queries ({Tq})")
-        cu_q = cu_k = cu_c = torch.zeros(1, dtype=torch.int32, device=device)
-        num_docs = B
-        max_q = Tq
-
-    out = torch.full((B, Tq, HKV, n), -1, dtype=torch.int32, device=device)
-    if B == 0 or Tq == 0 or max_q == 0:
-        return out
-
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
-    lse_cmp = lse_cmp.to(torch.float32)
-    n_pad = max(_next_pow2(n), 1)
-    g_pad = _next_pow2(G)
-    d1 = max(16, 1 << (DK.bit_length() - 1))
-    d2 = 0 if DK <= d1 else max(16, _next_pow2(DK - d1))
-    r, c = lp // d, l // d
-    r_pad = _next_pow2(r)
-    num_bh = num_docs * HKV
-    const = dict(
-        HKV=HKV, G=G, G_PAD=g_pad, DK=DK, D1=d1, D2=d2, CMP_LEN=l, STRIDE=d, SEL_LEN=lp, R=r, R_PAD=r_pad, C=c,
-        N=n, N_PAD=n_pad, N_INIT=num_initial_blocks, N_LOCAL=num_local_blocks, VARLEN=varlen,
-        FP32_DOT=q.dtype == torch.float32,
-    )
-    args = (
-        q, k_cmp, lse_cmp, out, None, cu_q, cu_k, cu_c,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-        lse_cmp.stride(0), lse_cmp.stride(1), lse_cmp.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        Tq, Tk, k_cmp.shape[1], num_bh,
-    )
-    t_bucket = max(16, _next_pow2(max(max_q, 1)))
-    num_sel = triton.cdiv(Tk, lp)  # selection blocks of the longest document
-    on_gpu = device.type == "cuda" and not _interpreting()
-
-    # Fixed tile for the interpreter (few big programs: its cost is per operation), for split launches and for
-    # tests (`_config`); the autotuner picks it on the GPU otherwise.
-    if _config is not None:
-        fixed = {"ROWS": int(_config["ROWS"]), "BS": int(_config["BS"])}
-        if fixed["ROWS"] < max(16, g_pad) or fixed["BS"] < max(16, n_pad):
-            raise ValueError(f"_config {_config} needs ROWS >= max(16, G_PAD={g_pad}) and BS >= max(16, N_PAD={n_pad})")
-    elif on_gpu:
-        fixed = {"ROWS": max(16, g_pad), "BS": max(16, n_pad)}
-    else:
-        bm = min(64, _next_pow2(max_q))
-        fixed = {"ROWS": max(16, bm * g_pad), "BS": max(16, n_pad, min(64, _next_pow2(num_sel)))}
-    if _config is not None and "HEAD_MASK" in _config:
-        fixed["HEAD_MASK"] = int(_config["HEAD_MASK"])
-        if bin(fixed["HEAD_MASK"]).count("1") != g_pad.bit_length() - 1 or fixed["HEAD_MASK"] >= fixed["ROWS"]:
-            raise ValueError(f"_config HEAD_MASK must have log2(G_PAD={g_pad}) bits below ROWS={fixed['ROWS']}")
-    else:
-        fixed["HEAD_MASK"] = _head_mask(fixed["ROWS"], 4, g_pad)
-    tiles_fixed = triton.cdiv(max_q, fixed["ROWS"] // g_pad)
-    chunks = triton.cdiv(num_sel, fixed["BS"])
-
-    # Decoding-like launches (few query tiles, many selection blocks) split the selection blocks over programs.
-    if _num_splits is not None:
-        num_splits = max(1, min(int(_num_splits), chunks))
-    elif on_gpu:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        programs = tiles_fixed * num_bh
-        num_splits = 1
-        if programs < sms and chunks >= 8:
-            num_splits = max(1, min(triton.cdiv(chunks, 2), triton.cdiv(2 * sms, programs)))
-    else:
-        num_splits = 1
-
-    if num_splits > 1:
-        split_chunks = triton.cdiv(chunks, num_splits)
-        num_splits = triton.cdiv(chunks, split_chunks)
-        ws = torch.empty((B * Tq, HKV, num_splits, n_pad), dtype=torch.int64, device=device)
-        args = args[:4] + (ws,) + args[5:]
-        grid = (num_bh * tiles_fixed * num_splits,)
-        _select_kernel[grid](
-            *args, max_q, num_splits, split_chunks, scale * _LOG2E, t_bucket,
-            **const, SPLIT=True, **fixed, num_warps=4, num_stages=1,
-        )
-        return _finish_splits(ws, n, B, Tq, HKV)
-
-    if on_gpu and _config is None:
-        def grid(meta):
-            return (num_bh * triton.cdiv(max_q, meta["ROWS"] // g_pad),)
-
-        _select_kernel_tuned[grid](*args, max_q, 1, 0, scale * _LOG2E, t_bucket, **const, SPLIT=False)
-    else:
-        grid = (num_bh * tiles_fixed,)
-        _select_kernel[grid](
-            *args, max_q, 1, 0, scale * _LOG2E, t_bucket, **const, SPLIT=False, **fixed, num_warps=4, num_stages=1,
-        )
-    return out
+    return select_blocks_fwd(q, k_cmp, lse_cmp, geo, compress_block_size, compress_stride, select_block_size,
+                             num_selected_blocks, num_initial_blocks, num_local_blocks, scale)
 
 
-def _finish_splits(ws: torch.Tensor, n: int, B: int, Tq: int, HKV: int) -> torch.Tensor:
-    """Merge the per-split best keys `[B*Tq, HKV, S, N_PAD]` into the final ascending `[B, Tq, HKV, n]` indices."""
-    keys = ws.flatten(2)
-    top = torch.topk(keys, n, dim=-1).values  # descending keys = best blocks first, ties to the lower block
-    idx = torch.where(top >= 0, _MAX_LOW - (top & 0xFFFFFFFF), torch.full_like(top, _MAX_LOW))
-    idx = torch.sort(idx, dim=-1).values
-    idx = torch.where(idx == _MAX_LOW, torch.full_like(idx, -1), idx)
-    return idx.to(torch.int32).reshape(B, Tq, HKV, n)
-
-
-__all__ = ["select_blocks"]
+__all__ = ["select_blocks", "select_blocks_fwd"]

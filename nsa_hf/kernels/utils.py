@@ -1,5 +1,7 @@
 """Shape helpers shared by the reference and the Triton kernels: compression-block counts and packed offsets."""
 
+from collections import OrderedDict
+
 import torch
 
 
@@ -19,6 +21,39 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, compress_block_size: int, co
         torch.zeros_like(lengths),
     )
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(cu_seqlens.dtype)
+
+
+_HOST: "OrderedDict[tuple, tuple]" = OrderedDict()
+_HOST_SIZE = 16
+
+
+def host_offsets(*offsets: torch.Tensor) -> list[list[int]]:
+    """
+    The values of offsets tensors as Python lists, memoised per tensor object and version: every layer of a model step
+    passes the same `cu_seqlens` object, so a packed step reads them from the device once (one sync for all the
+    tensors not seen before), not once per layer and kernel. An entry keeps its tensor alive, so its id cannot be
+    recycled while the entry exists.
+    """
+    keys = [(id(t), t._version) for t in offsets]
+    missing = []
+    for t, key in zip(offsets, keys):
+        hit = _HOST.get(key)
+        if hit is not None and hit[0] is t:
+            _HOST.move_to_end(key)
+        elif not any(m is t for m in missing):
+            missing.append(t)
+    if missing:
+        if len({t.device for t in missing}) == 1:
+            flat = torch.cat([t.reshape(-1).long() for t in missing]).tolist()
+        else:
+            flat = [v for t in missing for v in t.reshape(-1).tolist()]
+        start = 0
+        for t in missing:
+            _HOST[(id(t), t._version)] = (t, flat[start : start + t.numel()])
+            start += t.numel()
+        while len(_HOST) > _HOST_SIZE:
+            _HOST.popitem(last=False)
+    return [_HOST[key][1] for key in keys]
 
 
 def unfold_compression_blocks(
@@ -42,7 +77,7 @@ def unfold_compression_blocks(
         return x.unfold(1, l, d).permute(0, 1, 4, 2, 3)
     if x.shape[0] != 1:
         raise ValueError(f"with `cu_seqlens` the batch size must be 1 (documents packed along seq), got {x.shape[0]}")
-    bounds = cu_seqlens.tolist()
+    (bounds,) = host_offsets(cu_seqlens)
     pieces = [unfold_compression_blocks(x[:, s:e], l, d) for s, e in zip(bounds[:-1], bounds[1:])]
     if not pieces:
         return x.new_zeros(1, 0, l, *x.shape[2:])
