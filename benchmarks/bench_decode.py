@@ -127,6 +127,99 @@ def kernel_case(layout, HQ, HKV, D, cache_len, batch, dtype=torch.bfloat16):
                 ours_tb_per_s=bytes_nsa / ours_ms / 1e9, dense_tb_per_s=bytes_dense / dense_ms / 1e9)
 
 
+MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, pad_token_id=0, bos_token_id=None,
+             eos_token_id=None, **PAPER)
+
+
+def _models():
+    """The 1.1B NSA model and its dense twin (same weights, each with its own config object)."""
+    from nsa_hf import NSAConfig, NSAForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        nsa = NSAForCausalLM(NSAConfig(**MODEL)).to(torch.bfloat16).eval()
+        dense = NSAForCausalLM._from_config(NSAConfig(**MODEL), attn_implementation="sdpa").to(torch.bfloat16).eval()
+    dense.load_state_dict(nsa.state_dict())
+    return {"nsa": nsa, "dense": dense}
+
+
+def _generate_s(model, ids, new_tokens, cache, max_cache_len):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if cache == "static":
+        kwargs.update(cache_implementation="static", max_cache_len=max_cache_len)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def model_cases(args, log, emit):
+    """Decode ms/token of generate() after a long prompt: the difference of two runs of n1 and n2 new tokens."""
+    models = _models()
+    n1, n2 = 8, 8 + args.decode_tokens
+    for batch, prompt in args.model_cases:
+        ids = torch.randint(1, MODEL["vocab_size"], (batch, prompt), device="cuda")
+        row = dict(case="model_decode", model="1.1B-32q8kv-d64", batch=batch, prompt_len=prompt, cache_len=prompt)
+        for name, model in models.items():
+            static = f"{batch}x{prompt}" in args.static_cases
+            for cache in ("static", "dynamic") if static else ("dynamic",):
+                key = f"{name}_{cache}"
+                try:
+                    first = _generate_s(model, ids, n1, cache, max(args.max_cache_len, prompt + n2))  # compiles
+                    t1 = _generate_s(model, ids, n1, cache, max(args.max_cache_len, prompt + n2))
+                    t2 = _generate_s(model, ids, n2, cache, max(args.max_cache_len, prompt + n2))
+                    row[f"{key}_ms_per_token"] = (t2 - t1) / (n2 - n1) * 1000
+                    row[f"{key}_first_call_s"] = first
+                    row[f"{key}_tokens_per_s"] = batch * (n2 - n1) / (t2 - t1)
+                except Exception as err:  # keep the other rows; say what failed
+                    row[f"{key}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                log(f"  {key:14s} B={batch} prompt={prompt}: " + ", ".join(
+                    f"{k[len(key) + 1:]}={v:.3f}" if isinstance(v, float) else f"{k[len(key) + 1:]}={v}"
+                    for k, v in row.items() if k.startswith(key)))
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+        for cache in ("static", "dynamic"):
+            if f"nsa_{cache}_ms_per_token" in row and f"dense_{cache}_ms_per_token" in row:
+                row[f"speedup_{cache}"] = row[f"dense_{cache}_ms_per_token"] / row[f"nsa_{cache}_ms_per_token"]
+        if "nsa_static_ms_per_token" in row:
+            row["ours_ms"] = row["nsa_static_ms_per_token"]
+            row["dense_ms"] = row.get("dense_static_ms_per_token")
+            row["speedup_vs_dense"] = row.get("speedup_static")
+        emit(row)
+
+
+def coldstart_cases(args, log, emit):
+    """Prefill seconds at prompt lengths not seen before (first call) and again (second call), Triton compilations."""
+    import triton
+
+    from nsa_hf import NSAConfig, NSAForCausalLM
+
+    compiles = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = NSAForCausalLM(NSAConfig(**MODEL)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model(torch.randint(1, 1000, (1, 4096), device="cuda"), logits_to_keep=1)  # the model's first call
+        for length in args.coldstart_lens:
+            ids = torch.randint(1, 1000, (1, length), device="cuda")
+            times = []
+            before = len(compiles)
+            for _ in range(2):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(ids, logits_to_keep=1, use_cache=False)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            emit(dict(case="coldstart_prefill", prompt_len=length, first_s=times[0], second_s=times[1],
+                             first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before))
+            log(f"  prefill {length:6d}: first {times[0]:.3f} s, second {times[1]:.3f} s, "
+                f"{len(compiles) - before} Triton compilations")
+    triton.knobs.runtime.jit_post_compile_hook = None
+
+
 def meta():
     import transformers
     import triton
@@ -142,18 +235,42 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--cache-lens", nargs="+", type=int, default=[8192, 65536, 131072])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--model-cases", nargs="+", default=["1x65536", "1x16384", "16x16384"],
+                        help="batch x prompt length for the model part")
+    parser.add_argument("--static-cases", nargs="+", default=["1x65536"],
+                        help="model cases that also run static caches + compile (one compilation per batch size)")
+    parser.add_argument("--max-cache-len", type=int, default=65536 + 64, help="static caches' size (one compile)")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--coldstart-lens", nargs="+", type=int,
+                        default=[1000, 3001, 4097, 6000, 9999, 12345, 20000, 33333, 40000, 65000])
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="run every kernel case in this process (default: one process per case)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<gpu>.json)")
     args = parser.parse_args()
-    results = []
-    if "kernel" in args.parts:
-        results += kernel_cases(args)
+    args.model_cases = [tuple(int(x) for x in case.split("x")) for case in args.model_cases]
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"decode_{gpu}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta(), results=results), f, indent=1)
+    results = []
+
+    def save():  # after every part, so that a run cut short keeps what it measured
+        with open(out, "w") as f:
+            json.dump(dict(meta=meta(), results=results), f, indent=1)
+
+    def log(line):
+        print(line, flush=True)
+
+    def emit(row):
+        results.append(row)
+        save()
+
+    if "kernel" in args.parts:
+        results += kernel_cases(args)
+        save()
+    if "model" in args.parts:
+        model_cases(args, log, emit)
+    if "coldstart" in args.parts:
+        coldstart_cases(args, log, emit)
     print(f"wrote {out}")
 
 

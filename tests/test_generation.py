@@ -367,3 +367,49 @@ def test_gpu_cached_decoding_matches_full_forward():
         step = model(more[:1, :1], past_key_values=cache).logits[0, -1].float()
         alone = model(torch.cat([rows[0], more[:1, :1]], dim=1)).logits[0, -1].float()
         assert (step - alone).abs().max() < 0.05 * alone.abs().max()
+
+
+def _gpu_model():
+    torch.manual_seed(0)
+    config = NSAConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, compress_block_size=32, compress_stride=16, select_block_size=64,
+        num_selected_blocks=8, window_size=256, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    return NSAForCausalLM(config).to("cuda", torch.bfloat16).eval()
+
+
+@pytest.mark.gpu
+def test_gpu_static_cache_generate_compiles_and_matches_the_dynamic_cache():
+    model = _gpu_model()
+    rows = [torch.randint(1, 1024, (1, n), device="cuda") for n in (1100, 700)]
+    ids = torch.zeros(2, 1100, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, 1100 - row.shape[1] :], mask[i, 1100 - row.shape[1] :] = row[0], 1
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert hasattr(model, "_compiled_call")  # generate compiled the decoding step, as for transformers' StaticCache
+    first = torch.stack(dynamic.logits[:8]).float()
+    assert (torch.stack(static.logits[:8]).float() - first).abs().max() < 0.05 * first.abs().max()
+    assert (static.sequences[:, :1108] == dynamic.sequences[:, :1108]).float().mean() > 0.99
+
+
+@pytest.mark.gpu
+def test_gpu_a_new_prompt_length_compiles_no_kernel():
+    import triton
+
+    model = _gpu_model()
+    compiled = []
+    with torch.no_grad():
+        model.generate(torch.randint(1, 1024, (1, 3000), device="cuda"), max_new_tokens=20, do_sample=False)
+        triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(1)
+        try:
+            for length in (4097, 2345):
+                model.generate(torch.randint(1, 1024, (1, length), device="cuda"), max_new_tokens=20,
+                               do_sample=False)
+        finally:
+            triton.knobs.runtime.jit_post_compile_hook = None
+    assert len(compiled) == 0
