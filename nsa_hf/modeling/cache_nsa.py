@@ -175,7 +175,7 @@ class NSACache(Cache):
     def get_seq_length(self, layer_idx: int = 0):
         return self._columns
 
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+    def get_max_length(self, layer_idx: int = 0) -> int:
         return -1
 
     def capacity_for(self, num_new: int) -> int:
@@ -365,24 +365,29 @@ class NSAStaticCache(NSACache):
         super().__init__(config)
         if max_cache_len < 1:
             raise ValueError(f"max_cache_len must be at least 1, got {max_cache_len}")
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self._columns = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens each row can hold."""
+        return self._max_cache_len
 
     def get_seq_length(self, layer_idx: int = 0):
         return self._columns  # a 0-d tensor, as transformers' StaticCache: reading it needs no recompilation
 
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_cache_len
+    def get_max_length(self, layer_idx: int = 0) -> int:
+        return self._max_cache_len
 
     def raw_capacity(self, num_new: int) -> int:
-        return self.max_cache_len
+        return self._max_cache_len
 
     def check_capacity(self, new_lengths: torch.Tensor) -> None:
         if torch.compiler.is_compiling() or (new_lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # positions past the capacity land in the scratch column; generate sizes the cache to fit
         longest = int(new_lengths.max()) if new_lengths.numel() else 0
-        if longest > self.max_cache_len:
-            raise ValueError(f"NSAStaticCache(max_cache_len={self.max_cache_len}) is full: a row needs {longest} tokens")
+        if longest > self._max_cache_len:
+            raise ValueError(f"NSAStaticCache(max_cache_len={self._max_cache_len}) is full: a row needs {longest} tokens")
 
     def _lengths(self, batch_size: int, device) -> torch.Tensor:
         if self.seqlens is None:
