@@ -12,11 +12,12 @@ Shapes: `G` query heads share one KV head; a program's rows are the `G` heads of
    selection block j, `own[j]` sums the probabilities of the compression blocks starting in j and `spill[j]` the
    part of those blocks that overlaps block j + 1, both weighted by the overlap in units of the stride and relative
    to the chunk's max. The compressed keys are read once for both the output and the scores.
-2. `_select_kernel`, grid (batch * q_len, kv_heads): the log-sum-exp of the compressed softmax from the splits, the
-   scores of Eq. 8-10 (the partials rescaled by `exp2(chunk max - lse)` and summed over the group's heads), and the
-   top-n with the fixed initial/local blocks, merged chunk by chunk in registers (no `torch.topk`, nothing `[T, NS]`
-   in memory beyond the partials).
-3. `_sparse_kernel`, grid (units, batch * q_len, kv_heads): the selected blocks and the sliding window, each unit a
+2. `_select_kernel`, grid (parts, batch * q_len, kv_heads): the log-sum-exp of the compressed softmax from the
+   splits, the scores of Eq. 8-10 of the part's selection blocks (the partials rescaled by `exp2(chunk max - lse)`
+   and summed over the group's heads), and the part's best n (score, block) keys with the fixed initial/local
+   blocks, merged chunk by chunk in registers (no `torch.topk`, nothing `[T, NS]` in memory beyond the partials).
+3. `_sparse_kernel`, grid (units, batch * q_len, kv_heads): each selected unit first merges the parts' candidates
+   into the top n (every unit the same, in registers); then the selected blocks and the sliding window, each unit a
    few blocks / window chunks with its own partial (max, sum, P V).
 4. `_combine_kernel`, grid (batch * q_len * heads,): merges the partials of each branch and applies the gates.
 
