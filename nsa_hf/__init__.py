@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_nsa import NSAConfig
 from .kernels import nsa_attention, nsa_decode
 from .modeling import NSACache, NSAForCausalLM, NSAModel, NSAPreTrainedModel, NSAStaticCache
+from .warmup import warmup
 
 AutoConfig.register(NSAConfig.model_type, NSAConfig, exist_ok=True)
 AutoModel.register(NSAConfig, NSAModel, exist_ok=True)
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NSAConfig", "NSAModel", "NSAForCausalLM", "NSAPreTrainedModel", "NSACache", "NSAStaticCache", "nsa_attention",
-    "nsa_decode",
+    "nsa_decode", "warmup",
 ]

@@ -398,16 +398,18 @@ def test_gpu_static_cache_generate_compiles_and_matches_the_dynamic_cache():
 
 
 @pytest.mark.gpu
-def test_gpu_a_new_prompt_length_compiles_no_kernel():
+def test_gpu_after_warmup_a_new_prompt_length_compiles_no_kernel():
     import triton
+
+    import nsa_hf
 
     model = _gpu_model()
     compiled = []
     with torch.no_grad():
-        model.generate(torch.randint(1, 1024, (1, 3000), device="cuda"), max_new_tokens=20, do_sample=False)
+        nsa_hf.warmup(model, max_length=8192)
         triton.knobs.runtime.jit_post_compile_hook = lambda *args, **kwargs: compiled.append(1)
         try:
-            for length in (4097, 2345):
+            for length in (4097, 2345, 6001):
                 model.generate(torch.randint(1, 1024, (1, length), device="cuda"), max_new_tokens=20,
                                do_sample=False)
         finally:

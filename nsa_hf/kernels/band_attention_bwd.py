@@ -372,8 +372,7 @@ else:
         BAND_DKDV_CONFIGS,
         key=["G", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN", "ATOMIC"],
         prune_configs_by={"early_config_prune": prune_k_tiled},
-        reset_to_zero=["DK_OUT", "DV_OUT"],
-        cache_results=True,
+        reset_to_zero=["DK_OUT", "DV_OUT"], cache_results=True,
     )(triton.heuristics(_DKDV_HEURISTICS)(_band_dkdv_kernel))
 
 

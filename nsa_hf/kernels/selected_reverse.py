@@ -74,7 +74,7 @@ def _segment(BUCKET_OFF, bucket, seg, SEG):
 
 
 @triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=PRUNE,
-                 reset_to_zero=["OACC"])
+                 reset_to_zero=["OACC"], cache_results=True)
 @triton.jit
 def _fwd_by_block_kernel(
     Q, K, V, LSE_E, LSE, OACC, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
@@ -150,7 +150,7 @@ def _fwd_by_block_kernel(
 
 @triton.autotune(
     configs=SELECTED_DKDV_CONFIGS, key=["G", "L", "DK", "DV", "BN", "FUSE_DQ"], reset_to_zero=["DKA", "DVA", "DQA"],
-    prune_configs_by=PRUNE,
+    prune_configs_by=PRUNE, cache_results=True,
 )
 @triton.jit
 def _dkdv_kernel(

@@ -192,7 +192,8 @@ PRUNE = {"early_config_prune": prune}
 
 
 @triton.autotune(
-    configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT", "DECODE"], prune_configs_by=PRUNE
+    configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT", "DECODE"], prune_configs_by=PRUNE,
+    cache_results=True,
 )
 @triton.jit
 def _fwd_kernel(
@@ -263,7 +264,8 @@ def _fwd_kernel(
 
 
 @triton.autotune(
-    configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE
+    configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE,
+    cache_results=True,
 )
 @triton.jit
 def _dq_kernel(

@@ -390,6 +390,7 @@ _select_kernel_tuned = triton.autotune(
     configs=SELECTION_CONFIGS,
     key=["T_BUCKET", "HKV", "G_PAD", "D1", "D2", "R_PAD", "C", "N_PAD", "VARLEN", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
 )(_select_kernel)
 
 
