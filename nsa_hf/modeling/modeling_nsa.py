@@ -16,6 +16,7 @@ cache: a decoding step (at most 16 new tokens per row) runs `nsa_hf.kernels.nsa_
 longer chunk runs `nsa_attention` over each row's cached keys.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -367,6 +368,27 @@ class NSAPreTrainedModel(PreTrainedModel):
         # push_to_hub has just written the Hub's model card (or a blank one) over ours: extend that card
         self.config.write_model_card(working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """
+        transformers' `_from_config` (behind `from_config`) on a copy of `config`, as `from_pretrained` does: it would
+        otherwise keep the object and set `attn_implementation` on it, which switches every model built from it.
+        """
+        return super()._from_config(copy.deepcopy(config), **kwargs)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs):
+        """
+        transformers' `set_attn_implementation` (`"nsa"`, `"sdpa"`, `"eager"`) on the live model, which first takes a
+        copy of its config when the value changes: `NSAForCausalLM(config)` keeps the object it is given, and a second
+        model built from the same object would be switched too.
+        """
+        if attn_implementation != self.config._attn_implementation:
+            shared, own = self.config, copy.deepcopy(self.config)
+            for module in self.modules():
+                if getattr(module, "config", None) is shared:
+                    module.config = own
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """NSA unless dense attention (`"sdpa"`, `"eager"`) is requested explicitly."""
