@@ -62,6 +62,15 @@ def _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win):
                          f"{gates.device}")
 
 
+def _autocast(*tensors):
+    """Under autocast, as for SDPA: every input in autocast's lower precision (the Triton kernels take one dtype)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if x is None else x.to(dtype) for x in tensors)
+
+
 def nsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,11 +112,12 @@ def nsa_attention(
             `TRITON_INTERPRET=1`, Triton's interpreter) or `"reference"`.
 
     Returns:
-        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q`.
+        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q` (under autocast: its lower precision).
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win = _autocast(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
     l, d = compress_block_size, compress_stride
     check_block_sizes(l, d, select_block_size, num_selected_blocks, num_initial_blocks, num_local_blocks)
     check_int("window_size", window_size)
@@ -222,11 +232,12 @@ def nsa_decode(
         backend: `"auto"`, `"triton"` or `"reference"`, as in `nsa_attention`.
 
     Returns:
-        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q`.
+        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q` (under autocast: its lower precision).
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win = _autocast(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
     check_block_sizes(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                       num_initial_blocks, num_local_blocks)
     check_int("window_size", window_size)
