@@ -140,6 +140,7 @@ def training_arguments(args, bf16: bool) -> TrainingArguments:
         bf16=bf16, logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, report_to="none", seed=args.seed, data_seed=args.seed,
         torch_compile=args.compile, torch_compile_backend=args.compile_backend if args.compile else None,
+        use_cpu=not torch.cuda.is_available(),  # also what makes a multi-process CPU run distributed (gloo)
         dataloader_pin_memory=torch.cuda.is_available(), **options,
     )
 
@@ -204,6 +205,10 @@ def main(argv=None) -> Trainer:
     for name in ("max_length", "batch_size", "grad_accum", "save_steps", "logging_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.fsdp and not torch.cuda.is_available():
+        # accelerate makes a multi-CPU run DDP whatever the FSDP settings (FSDP2 itself runs on CPU: tests/test_fsdp.py)
+        raise SystemExit("error: --fsdp needs GPUs: accelerate runs FSDP only on accelerators; on CPU leave it out "
+                         "(torchrun then trains with DDP)")
     trainer = build_trainer(args)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model()
