@@ -3,8 +3,9 @@ Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2` (CPU, gloo): SGD s
 under FSDP2 (`fully_shard` of each `NSADecoderLayer` and of the root, the units Trainer's `fsdp_config` asks
 accelerate for), in float32 and in bf16 mixed precision, each rank on its half of every step's packed pieces; then the
 recipe itself (`examples/train_nsa.py`, which accelerate runs as DDP on CPU). Rank 0 writes the results as JSON.
+With `gpu`, one process per GPU: the recipe alone, with `--fsdp` (FSDP2 through accelerate) in bf16.
 
-    torchrun --nproc_per_node 2 tests/_fsdp_worker.py DATA_FOLDER OUTPUT_FOLDER
+    torchrun --nproc_per_node 2 tests/_fsdp_worker.py DATA_FOLDER OUTPUT_FOLDER [gpu]
 """
 
 import importlib.util
@@ -61,11 +62,23 @@ def train_steps(model, steps: list[list[dict]], rank: int = 0, world: int = 1) -
     return losses
 
 
-def main(data: Path, output: Path) -> None:
+def recipe_run(*args) -> dict:
+    trainer = recipe().main(list(args))
+    return dict(losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+                world_size=trainer.args.world_size, wrapped=type(trainer.model_wrapped).__name__)
+
+
+def main(data: Path, output: Path, gpu: bool = False) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from nsa_hf.modeling.modeling_nsa import NSADecoderLayer
 
+    if gpu:
+        results = dict(recipe=recipe_run("--data", str(data), "--output-dir", str(output / "recipe"), "--batch-size",
+                                         "2", "--fsdp", "--precision", "bf16", *RECIPE_ARGS))
+        if dist.get_rank() == 0:  # accelerate has set up the process group
+            (output / "results.json").write_text(json.dumps(results))
+        return
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -83,14 +96,12 @@ def main(data: Path, output: Path) -> None:
         results[name] = dict(losses=losses, dtypes=sorted({str(p.dtype) for p in model.parameters()}))
         if rank == 0:
             torch.save(weights, output / f"{name}.pt")
-    trainer = recipe().main(["--data", str(data), "--output-dir", str(output / "recipe"), "--batch-size", "2",
-                             *RECIPE_ARGS])
-    results["recipe"] = dict(losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
-                             world_size=trainer.args.world_size, wrapped=type(trainer.model_wrapped).__name__)
+    results["recipe"] = recipe_run("--data", str(data), "--output-dir", str(output / "recipe"), "--batch-size", "2",
+                                   *RECIPE_ARGS)
     if rank == 0:
         (output / "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), gpu=sys.argv[3:] == ["gpu"])

@@ -2,6 +2,7 @@
 Data-parallel training of the NSA model in two CPU processes (gloo) equals one process on the same data: FSDP2
 (`fully_shard` of each `NSADecoderLayer`, float32 and bf16 mixed precision) and the recipe's Trainer run, which
 accelerate runs as DDP on CPU (it enables FSDP only on accelerators). One `torchrun` launch, `tests/_fsdp_worker.py`.
+On two GPUs (`gpu` marker): the recipe with `--fsdp`, FSDP2 through accelerate in bf16.
 """
 
 import json
@@ -18,15 +19,19 @@ from _tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 from test_train_recipe import data  # noqa: F401  (fixture)
 
 
-@pytest.fixture(scope="module")
-def two_processes(data, tmp_path_factory):  # noqa: F811
-    output = tmp_path_factory.mktemp("fsdp")
+def _launch(data, output, *extra) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               worker.__file__, str(data), str(output)]
+               worker.__file__, str(data), str(output), *extra]
     run = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return output, json.loads((output / "results.json").read_text())
+    return json.loads((output / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory):  # noqa: F811
+    output = tmp_path_factory.mktemp("fsdp")
+    return output, _launch(data, output)
 
 
 def test_fsdp2_in_two_processes_equals_one_process(data, two_processes):  # noqa: F811
@@ -57,3 +62,15 @@ def test_the_recipe_refuses_fsdp_without_gpus(data, tmp_path):  # noqa: F811
         pytest.skip("GPUs present")
     with pytest.raises(SystemExit, match="--fsdp needs GPUs"):
         worker.recipe().main(["--data", str(data), "--output-dir", str(tmp_path), "--fsdp", *worker.RECIPE_ARGS])
+
+
+@pytest.mark.gpu
+def test_gpu_the_recipe_under_fsdp2_in_two_processes_equals_one_process(data, tmp_path):  # noqa: F811
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    results = _launch(data, tmp_path / "fsdp", "gpu")["recipe"]
+    assert results["world_size"] == 2 and results["wrapped"].startswith("FSDP"), results
+    single = worker.recipe().main(["--data", str(data), "--output-dir", str(tmp_path / "one"), "--batch-size", "4",
+                                   "--precision", "bf16", *worker.RECIPE_ARGS])
+    losses = [e["loss"] for e in single.state.log_history if "loss" in e]
+    torch.testing.assert_close(results["losses"], losses, rtol=2e-2, atol=0)
