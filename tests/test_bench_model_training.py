@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from _tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import fresh_dynamo, one_thread  # noqa: F401  (fixtures)
 from benchmarks import bench_model_training as bench
 
 

@@ -16,7 +16,7 @@ from nsa_hf import NSAConfig, NSAForCausalLM
 from nsa_hf.kernels import nsa, nsa_attention, unfold_compression_blocks
 from nsa_hf.modeling import modeling_nsa
 
-from _tiny import DIMS, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import DIMS, fresh_dynamo, one_thread  # noqa: F401  (fixtures)
 from test_modeling import make_model, randomize_nsa_parameters, tokens
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, TrainerCallback
 
-from _tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import fresh_dynamo, one_thread  # noqa: F401  (fixtures)
 
 _RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_nsa.py"
 _spec = importlib.util.spec_from_file_location("train_nsa", _RECIPE)

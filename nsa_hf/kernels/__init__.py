@@ -146,7 +146,8 @@ def nsa_attention(
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
         _warn_once(f"nsa_attention: falling back to the PyTorch reference because {reason}; it is much slower.")
-    reference = nsa_attention_unchecked if geo is not None or cu_seqlens_q is None else nsa_attention_ref
+    # compiling a packed call: no geometry checked the offsets, the reference does (it reads them on the host anyway)
+    reference = nsa_attention_ref if geo is None and cu_seqlens_q is not None else nsa_attention_unchecked
     return reference(
         q, k, v, k_cmp, v_cmp, gates, k_win=k_win, v_win=v_win, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         **settings,
