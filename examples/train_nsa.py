@@ -16,8 +16,9 @@ Fine-tune an NSA model on a local folder of text with `transformers.Trainer` (RE
   `shared_kv=False`, the MLP); the NSA-only gates and compressions are trained in full (`modules_to_save`).
 - Checkpoints every `--save-steps` steps in `--output-dir`; `--resume` (or `--resume PATH`) continues from the last
   (or that) checkpoint on the same loss curve; at the end the model (or the adapter) and tokenizer are saved there.
-- `--fsdp`: FSDP2 through accelerate (each `NSADecoderLayer` one unit, bf16 compute / fp32 reduction where bf16 is
-  on). Launch one process per GPU: `torchrun --nproc_per_node 8 examples/train_nsa.py ... --fsdp`.
+- `--fsdp`: FSDP2 through accelerate (each `NSADecoderLayer` one unit; with bf16, accelerate's mixed precision:
+  float32 sharded weights, bf16 compute). Launch one process per GPU: `torchrun --nproc_per_node 8
+  examples/train_nsa.py ... --fsdp`.
 - `--model tiny` builds a small NSA model (byte-level, 2 layers) and `--tokenizer byte` a byte tokenizer
   (transformers' `ByT5Tokenizer`), for trying the recipe without a checkpoint.
 """
