@@ -12,12 +12,11 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import DataCollatorWithFlattening
 
-from nsa_hf import NSAConfig, NSAForCausalLM
 from nsa_hf.kernels import nsa, nsa_attention, unfold_compression_blocks
 from nsa_hf.modeling import modeling_nsa
 
 from _tiny import DIMS, fresh_dynamo, one_thread  # noqa: F401  (fixtures)
-from test_modeling import make_model, randomize_nsa_parameters, tokens
+from test_modeling import _gpu_model, make_model, tokens
 
 
 @pytest.fixture
@@ -177,16 +176,6 @@ def test_custom_op_registration_passes_opcheck(shared_kv, packed):
 # ----------------------------------------------------------------------------------------------- GPU
 
 
-def _gpu_model():
-    torch.manual_seed(0)
-    config = NSAConfig(
-        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, compress_block_size=32, compress_stride=16, select_block_size=64,
-        num_selected_blocks=8, window_size=256,
-    )
-    return randomize_nsa_parameters(NSAForCausalLM(config), std=0.05).to("cuda", torch.bfloat16).train()
-
-
 def _assert_close_bf16(compiled, eager):
     """The tolerances of tests/test_modeling.py's Triton-vs-reference GPU test."""
     assert (compiled[1].float() - eager[1].float()).abs().max() < 0.05 * eager[1].float().abs().max()
@@ -200,7 +189,7 @@ def _assert_close_bf16(compiled, eager):
 
 @pytest.mark.gpu
 def test_gpu_compiled_training_step_equals_eager_without_graph_breaks():
-    model = _gpu_model()
+    model = _gpu_model().train()
     ids = torch.randint(0, 1024, (2, 4096), device="cuda")
     explained, reasons = _break_reasons(model, input_ids=ids, labels=ids)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
@@ -213,7 +202,7 @@ def test_gpu_compiled_training_step_equals_eager_without_graph_breaks():
 
 @pytest.mark.gpu
 def test_gpu_compiled_packed_step_equals_eager():
-    model = _gpu_model()
+    model = _gpu_model().train()
     lengths = (1500, 700, 1896)
     docs = [torch.randint(0, 1024, (n,)).tolist() for n in lengths]
     batch = DataCollatorWithFlattening()([{"input_ids": d} for d in docs], return_tensors="pt")
