@@ -84,7 +84,6 @@ def time_steps(model, ids, steps: int, warmup: int, compile_backend: str | None)
     _sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del optimizer
     return dict(tokens_per_s=ids.numel() * steps / elapsed, step_s=elapsed / steps, first_step_s=first, peak_gb=peak)
 
 
