@@ -24,3 +24,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """
+    Compiling tests leave Dynamo as they found it: its caches and counters are process-wide and other tests count
+    graphs. Autouse in the modules that import it.
+    """
+    yield
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()

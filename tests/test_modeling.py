@@ -78,6 +78,46 @@ def test_nsa_is_the_default_and_dense_is_opt_in(tmp_path):
     assert model.config._attn_implementation == "nsa"
 
 
+def test_switching_attention_on_a_live_model_gives_the_fresh_models_outputs():
+    model = make_model()
+    ids = tokens(2, 70)
+    dense_twin = NSAForCausalLM._from_config(model.config, attn_implementation="sdpa").eval()
+    dense_twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        sparse, dense = model(ids).logits, dense_twin(ids).logits
+        assert (dense - sparse).abs().max() > 1e-2
+        for implementation in ("sdpa", "eager"):
+            model.set_attn_implementation(implementation)
+            assert_close(model(ids).logits, dense)
+        model.set_attn_implementation("nsa")
+        assert torch.equal(model(ids).logits, sparse)
+        assert type(model(ids[:, :20], use_cache=True).past_key_values) is NSACache
+    prompt = dict(input_ids=ids[:, :20], max_new_tokens=5, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(model.generate(**prompt), dense_twin.generate(**prompt))
+    # and training in dense mode: the gradients of the dense twin
+    model.train(), dense_twin.train()
+    model(ids, labels=ids).loss.backward()
+    dense_twin(ids, labels=ids).loss.backward()
+    assert_close(model.model.layers[0].self_attn.q_proj.weight.grad,
+                 dense_twin.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-6)
+
+
+def test_models_built_from_one_config_object_switch_alone():
+    config = tiny_config()
+    # from_config copies the config (as from_pretrained does): attn_implementation= switches that model alone
+    first = AutoModelForCausalLM.from_config(config)
+    dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert (first.config._attn_implementation, dense.config._attn_implementation) == ("nsa", "sdpa")
+    # the constructor keeps the object it is given (a torch module's idiom); switching takes a copy first
+    a, b = NSAForCausalLM(config), NSAForCausalLM(config)
+    assert a.config is b.config is config
+    a.set_attn_implementation("sdpa")
+    assert a.config._attn_implementation == "sdpa"
+    assert b.config._attn_implementation == config._attn_implementation == first.config._attn_implementation == "nsa"
+    assert all(layer.self_attn.config is a.config for layer in a.model.layers) and a.model.config is a.config
+
+
 def test_auto_classes_build_nsa_models():
     assert type(AutoModelForCausalLM.from_config(tiny_config())) is NSAForCausalLM
     assert type(AutoModel.from_config(tiny_config())) is NSAModel

@@ -3,7 +3,8 @@ The one seam between the model and the attention kernels: `nsa_attention`. The m
 Triton on CUDA tensors where the kernels cover the shapes, the PyTorch reference everywhere else.
 
 Inputs are checked here, once per call, and the call's packed geometry is built here (`_geometry.py`): the branch
-kernels below, and their backwards, trust both.
+kernels below, and their backwards, trust both. Under `torch.compile` the Triton path is one custom op per direction
+(`nsa_hf::nsa_attention_fwd` / `_bwd`, `nsa_hf::nsa_decode`) and the geometry is built when the op runs.
 """
 
 import os
@@ -11,11 +12,11 @@ import warnings
 
 import torch
 
-from ._checks import check_block_sizes, check_int, check_packing, check_qkv, unsupported_reason
-from ._geometry import geometry
+from ._checks import check_block_sizes, check_int, check_packing, check_qkv, check_query_count, unsupported_reason
+from ._geometry import attention_geometry
 from ._tiling import MAX_DECODE_QUERIES
-from .reference import nsa_attention_unchecked, nsa_decode_ref
-from .utils import compressed_cu_seqlens, num_compressed_blocks, unfold_compression_blocks
+from .reference import nsa_attention_ref, nsa_attention_unchecked, nsa_decode_ref
+from .utils import compressed_cu_seqlens, compression_block_index, num_compressed_blocks, unfold_compression_blocks
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around Triton interpreter bugs
     from ._interpreter import patch_triton_interpreter
@@ -61,6 +62,15 @@ def _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win):
                          f"{gates.device}")
 
 
+def _autocast(*tensors):
+    """Under autocast, as for SDPA: every input in autocast's lower precision (the Triton kernels take one dtype)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if x is None else x.to(dtype) for x in tensors)
+
+
 def nsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,19 +112,24 @@ def nsa_attention(
             `TRITON_INTERPRET=1`, Triton's interpreter) or `"reference"`.
 
     Returns:
-        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q`.
+        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q` (under autocast: its lower precision).
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win = _autocast(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
     l, d = compress_block_size, compress_stride
     check_block_sizes(l, d, select_block_size, num_selected_blocks, num_initial_blocks, num_local_blocks)
     check_int("window_size", window_size)
     check_packing(q, cu_seqlens_q, cu_seqlens_k)
-    geo = geometry(q, k.shape[1], cu_seqlens_q, cu_seqlens_k)
-    if geo.varlen and k_cmp.shape[1] != geo.num_compressed(l, d):
-        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed blocks, the documents of cu_seqlens_k have "
-                         f"{geo.num_compressed(l, d)}")
+    if torch.compiler.is_compiling():
+        # Shapes only: the geometry reads packed offsets on the host, so the Triton op (or the reference) builds and
+        # checks it when it runs, outside the graph.
+        geo = None
+        if cu_seqlens_q is None:
+            check_query_count(q.shape[1], k.shape[1])
+    else:
+        geo = attention_geometry(q, k, k_cmp, l, d, cu_seqlens_q, cu_seqlens_k)
     settings = dict(
         compress_block_size=l, compress_stride=d, select_block_size=select_block_size,
         num_selected_blocks=num_selected_blocks, window_size=window_size, num_initial_blocks=num_initial_blocks,
@@ -126,11 +141,14 @@ def nsa_attention(
         if reason is None:
             from .nsa import nsa_attention_triton
 
-            return nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, **settings)
+            return nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, cu_seqlens_q=cu_seqlens_q,
+                                        cu_seqlens_k=cu_seqlens_k, **settings)
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
         _warn_once(f"nsa_attention: falling back to the PyTorch reference because {reason}; it is much slower.")
-    return nsa_attention_unchecked(
+    # compiling a packed call: no geometry checked the offsets, the reference does (it reads them on the host anyway)
+    reference = nsa_attention_ref if geo is None and cu_seqlens_q is not None else nsa_attention_unchecked
+    return reference(
         q, k, v, k_cmp, v_cmp, gates, k_win=k_win, v_win=v_win, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         **settings,
     )
@@ -215,11 +233,12 @@ def nsa_decode(
         backend: `"auto"`, `"triton"` or `"reference"`, as in `nsa_attention`.
 
     Returns:
-        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q`.
+        `[batch, q_len, num_heads, v_head_dim]` in the dtype of `q` (under autocast: its lower precision).
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"`backend` must be 'auto', 'triton' or 'reference', got {backend!r}")
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win = _autocast(q, k, v, k_cmp, v_cmp, gates, k_win, v_win)
     check_block_sizes(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                       num_initial_blocks, num_local_blocks)
     check_int("window_size", window_size)
@@ -251,6 +270,6 @@ def nsa_decode(
 
 
 __all__ = [
-    "MAX_DECODE_QUERIES", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "num_compressed_blocks",
-    "unfold_compression_blocks",
+    "MAX_DECODE_QUERIES", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "compression_block_index",
+    "num_compressed_blocks", "unfold_compression_blocks",
 ]

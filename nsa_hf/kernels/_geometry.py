@@ -126,3 +126,13 @@ def geometry(q: torch.Tensor, num_keys: int | None = None, cu_seqlens_q=None, cu
     if len(_GEOMETRIES) > _CACHE_SIZE:
         _GEOMETRIES.popitem(last=False)
     return geo
+
+
+def attention_geometry(q, k, k_cmp, compress_block_size: int, compress_stride: int, cu_seqlens_q=None,
+                       cu_seqlens_k=None) -> Geometry:
+    """`geometry` of an `nsa_attention` call, which also checks that packed documents have `k_cmp`'s block count."""
+    geo = geometry(q, k.shape[1], cu_seqlens_q, cu_seqlens_k)
+    if geo.varlen and k_cmp.shape[1] != geo.num_compressed(compress_block_size, compress_stride):
+        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed blocks, the documents of cu_seqlens_k have "
+                         f"{geo.num_compressed(compress_block_size, compress_stride)}")
+    return geo

@@ -1,8 +1,10 @@
 """
 Triton backend of `nsa_attention`: the three branch kernels, the block selection between them, and a fused gated sum,
 under one autograd.Function so the backward runs the branch backwards directly (no autograd graph of elementwise
-ops, one pass over the branch outputs for the gates). Its inputs are checked by `nsa_attention`, which also builds the
-call's geometry (`_geometry.py`); nothing here checks or syncs with the host.
+ops, one pass over the branch outputs for the gates); under `torch.compile` the same forward and backward run as two
+custom ops (`nsa_hf::nsa_attention_fwd` / `_bwd`). Its inputs are checked by `nsa_attention`, which in eager mode also
+builds the call's geometry (`_geometry.py`); the custom ops build it when they run. Nothing else here checks or syncs
+with the host.
 """
 
 import contextlib
@@ -11,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._geometry import Geometry
+from ._geometry import Geometry, attention_geometry
 from ._tiling import SWITCHES, next_pow2
 from .compressed import compressed_attention_bwd, compressed_attention_fwd
 from .selected import selected_attention_bwd, selected_attention_fwd
@@ -122,56 +124,152 @@ def _join(side, *made_on_side):
             t.record_stream(main)
 
 
+def nsa_forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo: Geometry, settings: tuple):
+    """
+    The Triton forward. Returns `(out, saved)`, `saved` what `nsa_backward` needs besides the inputs: the contiguous
+    gates, each branch's output and log-sum-exp, and the selected blocks.
+    """
+    l, d, lp, n, w, num_initial, num_local, scale = settings
+    kw, vw = (k, v) if k_win is None else (k_win, v_win)
+    side = _fork(q)
+    with _on(side):
+        o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale, geo)
+    o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale, geo)
+    block_indices = select_blocks_fwd(q, k_cmp, lse_cmp, geo, l, d, lp, n, num_initial, num_local, scale)
+    o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, lp, scale, geo)
+    _join(side, o_win, lse_win)
+    gates = gates.contiguous()
+    out = gate_combine_fwd(o_cmp, o_slc, o_win, gates)
+    return out, (gates, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices)
+
+
+def nsa_backward(do, q, k, v, k_cmp, v_cmp, k_win, v_win, saved: tuple, geo: Geometry, settings: tuple):
+    """Gradients `(dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win)`, the last two None when K/V are shared."""
+    gates, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices = saved
+    l, d, lp, _, w, _, _, scale = settings
+    kw, vw = (k, v) if k_win is None else (k_win, v_win)
+    do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
+    # No side stream here: on an H100 (paper layout, 64k) the overlapped backward measured 6 ms slower, while the
+    # overlapped forward gains about 1 ms (benchmarks/results/logs/bench_side_stream_h100.log).
+    dq_win, dk_win, dv_win = window_attention_bwd(do_win, q, kw, vw, None, lse_win, w, scale, geo, delta=deltas[2])
+    dq, dk_cmp, dv_cmp = compressed_attention_bwd(do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale, geo,
+                                                  delta=deltas[0])
+    dq_slc, dk, dv = selected_attention_bwd(do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, geo,
+                                            delta=deltas[1])
+    dq = dq.add_(dq_slc).add_(dq_win)
+    if k_win is None:
+        dk, dv = dk.add_(dk_win), dv.add_(dv_win)
+        dk_win = dv_win = None
+    return dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win
+
+
 class NSAAttentionFunction(torch.autograd.Function):
+    """The Triton path in eager mode (`torch.compile` sees the custom ops below instead)."""
+
     @staticmethod
     def forward(ctx, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo: Geometry, settings: tuple):
-        l, d, lp, n, w, num_initial, num_local, scale = settings
-        shared_win = k_win is None
-        kw, vw = (k, v) if shared_win else (k_win, v_win)
-        side = _fork(q)
-        with _on(side):
-            o_win, lse_win = window_attention_fwd(q, kw, vw, w, scale, geo)
-        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, l, d, scale, geo)
-        block_indices = select_blocks_fwd(q, k_cmp, lse_cmp, geo, l, d, lp, n, num_initial, num_local, scale)
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, lp, scale, geo)
-        _join(side, o_win, lse_win)
-        gates = gates.contiguous()
-        out = gate_combine_fwd(o_cmp, o_slc, o_win, gates)
-        ctx.save_for_backward(
-            q, k, v, k_cmp, v_cmp, gates, kw, vw, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices,
-        )
-        ctx.settings, ctx.geo, ctx.shared_win = settings, geo, shared_win
-        ctx.mark_non_differentiable(block_indices)
-        return out, block_indices
+        out, saved = nsa_forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, settings)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, k_win, v_win, *saved)
+        ctx.settings, ctx.geo = settings, geo
+        ctx.mark_non_differentiable(saved[-1])
+        return out, saved[-1]
 
     @staticmethod
     def backward(ctx, do, _unused):
-        (q, k, v, k_cmp, v_cmp, gates, kw, vw, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
-         block_indices) = ctx.saved_tensors
-        l, d, lp, _, w, _, _, scale = ctx.settings
-        geo = ctx.geo
-        do_cmp, do_slc, do_win, dgates, deltas = gate_combine_bwd(do.contiguous(), o_cmp, o_slc, o_win, gates)
-        # No side stream here: on an H100 (paper layout, 64k) the overlapped backward measured 6 ms slower, while the
-        # overlapped forward gains about 1 ms (benchmarks/results/logs/bench_side_stream_h100.log).
-        dq_win, dk_win, dv_win = window_attention_bwd(do_win, q, kw, vw, None, lse_win, w, scale, geo, delta=deltas[2])
-        dq, dk_cmp, dv_cmp = compressed_attention_bwd(
-            do_cmp, q, k_cmp, v_cmp, None, lse_cmp, l, d, scale, geo, delta=deltas[0]
-        )
-        dq_slc, dk, dv = selected_attention_bwd(do_slc, q, k, v, o_slc, lse_slc, block_indices, lp, scale, geo,
-                                                delta=deltas[1])
-        dq = dq.add_(dq_slc).add_(dq_win)
-        if ctx.shared_win:
-            dk, dv = dk.add_(dk_win), dv.add_(dv_win)
-            dk_win = dv_win = None
-        return dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win, None, None
+        q, k, v, k_cmp, v_cmp, k_win, v_win, *saved = ctx.saved_tensors
+        grads = nsa_backward(do, q, k, v, k_cmp, v_cmp, k_win, v_win, saved, ctx.geo, ctx.settings)
+        return *grads, None, None
+
+
+# The same forward and backward as two custom ops with fake implementations, so that Dynamo and AOTAutograd see one
+# opaque node each (no graph break, no tracing into the launchers). The geometry is built inside, when the op runs:
+# packed offsets are read on the host there, out of the graph. The forward returns what the backward needs.
+
+
+@torch.library.custom_op("nsa_hf::nsa_attention_fwd", mutates_args=())
+def _nsa_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+    gates: torch.Tensor, k_win: torch.Tensor | None, v_win: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None, compress_block_size: int, compress_stride: int, select_block_size: int,
+    num_selected_blocks: int, window_size: int, num_initial_blocks: int, num_local_blocks: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(out, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices), all contiguous."""
+    settings = (compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size,
+                num_initial_blocks, num_local_blocks, scale)
+    geo = attention_geometry(q, k, k_cmp, compress_block_size, compress_stride, cu_seqlens_q, cu_seqlens_k)
+    out, saved = nsa_forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, settings)
+    return tuple(t.contiguous() for t in (out, *saved[1:]))
+
+
+@_nsa_attention_fwd_op.register_fake
+def _(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens_q, cu_seqlens_k, compress_block_size, compress_stride,
+      select_block_size, num_selected_blocks, *settings):
+    B, T, HQ = q.shape[:3]
+    outputs = [q.new_empty(B, T, HQ, v.shape[-1]) for _ in range(4)]  # out, o_cmp, o_slc, o_win
+    lses = [q.new_empty(B, T, HQ, dtype=torch.float32) for _ in range(3)]
+    block_indices = q.new_empty(B, T, k.shape[2], num_selected_blocks, dtype=torch.int32)
+    return outputs[0], outputs[1], lses[0], outputs[2], lses[1], outputs[3], lses[2], block_indices
+
+
+@torch.library.custom_op("nsa_hf::nsa_attention_bwd", mutates_args=())
+def _nsa_attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+    gates: torch.Tensor, k_win: torch.Tensor | None, v_win: torch.Tensor | None, o_cmp: torch.Tensor,
+    lse_cmp: torch.Tensor, o_slc: torch.Tensor, lse_slc: torch.Tensor, o_win: torch.Tensor, lse_win: torch.Tensor,
+    block_indices: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
+    window_size: int, num_initial_blocks: int, num_local_blocks: int, scale: float,
+) -> list[torch.Tensor]:
+    """[dq, dk, dv, dk_cmp, dv_cmp, dgates] and, when the window branch has its own K/V, [dk_win, dv_win]."""
+    settings = (compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size,
+                num_initial_blocks, num_local_blocks, scale)
+    geo = attention_geometry(q, k, k_cmp, compress_block_size, compress_stride, cu_seqlens_q, cu_seqlens_k)
+    saved = (gates.contiguous(), o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices)
+    grads = nsa_backward(do, q, k, v, k_cmp, v_cmp, k_win, v_win, saved, geo, settings)
+    return [g.contiguous() for g in grads if g is not None]
+
+
+@_nsa_attention_bwd_op.register_fake
+def _(do, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, *rest):
+    inputs = (q, k, v, k_cmp, v_cmp, gates) + (() if k_win is None else (k_win, v_win))
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens_q, cu_seqlens_k, *settings = inputs
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, *output[1:], cu_seqlens_q, cu_seqlens_k)
+    ctx.settings = settings
+
+
+def _backward(ctx, do, *unused):  # the outputs after `out` are saved state: their gradients are ignored
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, *saved, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv, dk_cmp, dv_cmp, dgates, *win = _nsa_attention_bwd_op(
+        do, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, *saved, cu_seqlens_q, cu_seqlens_k, *ctx.settings
+    )
+    dk_win, dv_win = win or (None, None)
+    return (dq, dk, dv, dk_cmp, dv_cmp, dgates, dk_win, dv_win) + (None,) * (2 + len(ctx.settings))
+
+
+_nsa_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def nsa_attention_triton(
-    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo: Geometry, *, compress_block_size, compress_stride,
-    select_block_size, num_selected_blocks, window_size, num_initial_blocks, num_local_blocks, scale,
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo: Geometry | None, *, cu_seqlens_q=None, cu_seqlens_k=None,
+    compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size, num_initial_blocks,
+    num_local_blocks, scale,
 ):
-    """`nsa_hf.kernels.nsa_attention` on inputs it has checked, `geo` their geometry and `scale` resolved."""
+    """
+    `nsa_hf.kernels.nsa_attention` on inputs it has checked, `geo` their geometry and `scale` resolved. Under
+    `torch.compile` (`geo` None: the custom op builds it when it runs) one custom op; in eager mode the
+    autograd.Function, which skips the op dispatcher.
+    """
     settings = (compress_block_size, compress_stride, select_block_size, num_selected_blocks, window_size,
                 num_initial_blocks, num_local_blocks, scale)
+    if torch.compiler.is_compiling():
+        return _nsa_attention_fwd_op(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens_q, cu_seqlens_k,
+                                     *settings)[0]
+    if geo is None:
+        geo = attention_geometry(q, k, k_cmp, compress_block_size, compress_stride, cu_seqlens_q, cu_seqlens_k)
     out, _ = NSAAttentionFunction.apply(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, geo, settings)
     return out

@@ -56,8 +56,26 @@ def host_offsets(*offsets: torch.Tensor) -> list[list[int]]:
     return [_HOST[key][1] for key in keys]
 
 
+def compression_block_index(cu_seqlens: torch.Tensor, compress_block_size: int, compress_stride: int) -> torch.Tensor:
+    """
+    `[num_blocks, compress_block_size]` int64 token indices of the compression blocks of packed documents (offsets
+    `cu_seqlens`), in the order of `compressed_cu_seqlens`. Built on the device from the number of blocks, which
+    `host_offsets` reads (once per offsets tensor: the kernels' geometry of the same tensor reads nothing again).
+    """
+    l, d = compress_block_size, compress_stride
+    (bounds,) = host_offsets(cu_seqlens)
+    total = sum(num_compressed_blocks(end - start, l, d) for start, end in zip(bounds[:-1], bounds[1:]))
+    cu = cu_seqlens.long()
+    cu_cmp = compressed_cu_seqlens(cu, l, d)
+    document = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu_cmp[1:] - cu_cmp[:-1],
+                                       output_size=total)
+    starts = cu[document] + (torch.arange(total, device=cu.device) - cu_cmp[document]) * d
+    return starts[:, None] + torch.arange(l, device=cu.device)
+
+
 def unfold_compression_blocks(
-    x: torch.Tensor, compress_block_size: int, compress_stride: int, cu_seqlens: torch.Tensor | None = None
+    x: torch.Tensor, compress_block_size: int, compress_stride: int, cu_seqlens: torch.Tensor | None = None,
+    block_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Cut keys or values into (overlapping) compression blocks; blocks never cross a document boundary.
@@ -65,20 +83,20 @@ def unfold_compression_blocks(
     Args:
         x: `[batch, seq, heads, dim]`; with `cu_seqlens`, batch is 1 and the documents are packed along seq.
         cu_seqlens: `[num_docs + 1]` int offsets of the packed documents, or None.
+        block_index: the `compression_block_index` of `cu_seqlens` where the caller has it (then no host sync, and
+            `cu_seqlens` may be None).
 
     Returns:
-        `[batch, num_blocks, compress_block_size, heads, dim]`; with `cu_seqlens` the blocks of all documents are
-        packed along num_blocks in the order given by `compressed_cu_seqlens`.
+        `[batch, num_blocks, compress_block_size, heads, dim]`; packed documents have their blocks packed along
+        num_blocks in the order given by `compressed_cu_seqlens`.
     """
     l, d = compress_block_size, compress_stride
-    if cu_seqlens is None:
+    if cu_seqlens is None and block_index is None:
         if x.shape[1] < l:
             return x.new_zeros(x.shape[0], 0, l, *x.shape[2:])
         return x.unfold(1, l, d).permute(0, 1, 4, 2, 3)
     if x.shape[0] != 1:
         raise ValueError(f"with `cu_seqlens` the batch size must be 1 (documents packed along seq), got {x.shape[0]}")
-    (bounds,) = host_offsets(cu_seqlens)
-    pieces = [unfold_compression_blocks(x[:, s:e], l, d) for s, e in zip(bounds[:-1], bounds[1:])]
-    if not pieces:
-        return x.new_zeros(1, 0, l, *x.shape[2:])
-    return torch.cat(pieces, dim=1)
+    if block_index is None:
+        block_index = compression_block_index(cu_seqlens, l, d)
+    return x[0, block_index].unsqueeze(0)

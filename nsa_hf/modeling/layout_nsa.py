@@ -3,9 +3,15 @@ How the tokens of one forward reach the NSA kernels, decided once per forward an
 
 Without a cache (`NSALayout`):
 - "batched": every token of every row is real and rows are whole sequences (the common training case);
-- "packed": padded rows (2-D `attention_mask`) or packed documents (restarting `position_ids` as produced by
-  `DataCollatorWithFlattening`, or explicit `cu_seq_lens_q`/`cu_seq_lens_k`) are gathered into one packed sequence
-  with `cu_seqlens`, so no token attends across documents or to padding, and blocks restart per document.
+- "packed" / "padded": packed documents (restarting `position_ids` as produced by `DataCollatorWithFlattening`, or
+  explicit `cu_seq_lens_q`/`cu_seq_lens_k`) or padded rows (2-D `attention_mask`) are gathered into one packed
+  sequence with `cu_seqlens`, so no token attends across documents or to padding, and blocks restart per document.
+
+A forward without mask, position ids or `cu_seq_lens` is batched without looking at any tensor: no host sync, so
+`torch.compile(model, fullgraph=True)` traces it whole. Otherwise `build_nsa_layout` reads them once, outside the graph
+(`torch.compiler.disable`: one graph break per forward; its outputs have data-dependent sizes, which a compiled graph
+takes as dynamic shapes). The layers after it do not sync on the Triton path; the PyTorch reference loops over the
+documents on the host.
 
 With a cache the step (`NSACacheStep`) decides: decoding steps go to `nsa_decode` with per-row query positions; a
 longer chunk (prefill) goes to `nsa_attention`, batched when every row is alike, else packed by `CachedPrefill`.
@@ -17,17 +23,19 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import find_packed_sequence_indices
 
-from ..kernels import num_compressed_blocks
+from ..kernels import compression_block_index, num_compressed_blocks
 
 
 @dataclass
 class NSALayout:
     """How the tokens of one uncached forward reach `nsa_attention`."""
 
-    mode: str  # "batched" | "packed"
-    # packed: flat indices into [batch * q_len] of the real queries, in document order, and the document offsets
+    mode: str  # "batched" | "packed" (documents, every token real) | "padded" (real tokens of padded rows)
+    # packed / padded: flat indices into [batch * q_len] of the real queries, in document order, the document offsets
+    # and the token indices of each compression block (`compression_block_index`) in the packed sequence
     query_index: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
+    compression_index: torch.Tensor | None = None
 
 
 def cu_seqlens_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -36,15 +44,34 @@ def cu_seqlens_of(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def build_nsa_layout(
-    batch_size: int, q_len: int, new_mask: torch.Tensor | None, packed_cu_seqlens: torch.Tensor | None, device
+    kwargs, position_ids: torch.Tensor | None, mask: torch.Tensor | None, batch_size: int, q_len: int,
+    compress_block_size: int, compress_stride: int, device,
 ) -> NSALayout:
-    """The `NSALayout` of an uncached forward; `new_mask` is the `[batch, q_len]` real-token mask (None: all real)."""
-    if packed_cu_seqlens is not None:
-        return NSALayout("packed", torch.arange(batch_size * q_len, device=device), packed_cu_seqlens)
-    if new_mask is None:
+    """
+    The `NSALayout` of an uncached forward; `mask` is the `[batch, q_len]` bool real-token mask (None: all real),
+    `kwargs` the forward's keyword arguments (`cu_seq_lens_q` / `cu_seq_lens_k`).
+    """
+    if mask is None and position_ids is None and kwargs.get("cu_seq_lens_q") is None \
+            and kwargs.get("cu_seq_lens_k") is None:
         return NSALayout("batched")
-    lengths = new_mask.sum(1)
-    return NSALayout("packed", new_mask.flatten().nonzero().flatten(), cu_seqlens_of(lengths[lengths > 0]))
+    return _read_layout(kwargs, position_ids, mask, batch_size, q_len, compress_block_size, compress_stride, device)
+
+
+@torch.compiler.disable
+def _read_layout(kwargs, position_ids, mask, batch_size, q_len, compress_block_size, compress_stride, device):
+    padded = mask is not None and not bool(mask.all())
+    cu_seqlens = packed_cu_seqlens(kwargs, position_ids, mask if padded else None, 0, batch_size, q_len, device)
+    if cu_seqlens is not None:
+        query_index = torch.arange(batch_size * q_len, device=device)
+        mode = "packed"
+    elif padded:
+        lengths = mask.sum(1)
+        query_index, cu_seqlens = mask.flatten().nonzero().flatten(), cu_seqlens_of(lengths[lengths > 0])
+        mode = "padded"
+    else:
+        return NSALayout("batched")
+    index = compression_block_index(cu_seqlens, compress_block_size, compress_stride)
+    return NSALayout(mode, query_index, cu_seqlens, index)
 
 
 class CachedPrefill:

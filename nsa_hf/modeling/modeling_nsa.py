@@ -16,6 +16,7 @@ cache: a decoding step (at most 16 new tokens per row) runs `nsa_hf.kernels.nsa_
 longer chunk runs `nsa_attention` over each row's cached keys.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -283,7 +284,7 @@ class NSAAttention(nn.Module):
                 k_win=states.get("win_key"), v_win=states.get("win_value"), **settings,
             )
         packed = {name: self._pack(x, layout.query_index) for name, x in states.items()}
-        compressed = [compress(unfold_compression_blocks(packed[source], l, d, layout.cu_seqlens))
+        compressed = [compress(unfold_compression_blocks(packed[source], l, d, block_index=layout.compression_index))
                       for source, compress in ((key_source, self.compress_key), (value_source, self.compress_value))]
         return self._packed(query_states, gates, layout.query_index, packed, compressed, layout.cu_seqlens,
                             layout.cu_seqlens, settings)
@@ -367,6 +368,27 @@ class NSAPreTrainedModel(PreTrainedModel):
         # push_to_hub has just written the Hub's model card (or a blank one) over ours: extend that card
         self.config.write_model_card(working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """
+        transformers' `_from_config` (behind `from_config`) on a copy of `config`, as `from_pretrained` does: it would
+        otherwise keep the object and set `attn_implementation` on it, which switches every model built from it.
+        """
+        return super()._from_config(copy.deepcopy(config), **kwargs)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs):
+        """
+        transformers' `set_attn_implementation` (`"nsa"`, `"sdpa"`, `"eager"`) on the live model, which first takes a
+        copy of its config when the value changes: `NSAForCausalLM(config)` keeps the object it is given, and a second
+        model built from the same object would be switched too.
+        """
+        if attn_implementation != self.config._attn_implementation:
+            shared, own = self.config, copy.deepcopy(self.config)
+            for module in self.modules():
+                if getattr(module, "config", None) is shared:
+                    module.config = own
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """NSA unless dense attention (`"sdpa"`, `"eager"`) is requested explicitly."""
@@ -508,34 +530,39 @@ class NSAModel(NSAPreTrainedModel):
                 )
             mask = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
 
-        decoding = cache is not None and q_len <= MAX_DECODE_QUERIES
-        # Decoding steps take the mask as it is (no host sync); other forwards drop a mask without padding.
-        new_mask = mask if mask is not None and (decoding or not bool(mask.all())) else None
-        cu_seqlens = None
-        if not decoding:
-            cu_seqlens = packed_cu_seqlens(kwargs, position_ids, new_mask, past, batch_size, q_len, device)
-        if cu_seqlens is not None and cache is not None:
-            raise ValueError("packed sequences (cu_seq_lens or restarting position_ids) cannot use a cache")
-        if cache is None and cu_seqlens is None and use_cache and not (self.training and torch.is_grad_enabled()):
+        if cache is None:
+            layout = build_nsa_layout(kwargs, position_ids, mask, batch_size, q_len, self.config.compress_block_size,
+                                      self.config.compress_stride, device)
             # In training (with gradients) no cache is made unless one is passed: nothing would read it.
+            if layout.mode == "packed" or not use_cache or (self.training and torch.is_grad_enabled()):
+                if position_ids is None:
+                    position_ids = _default_position_ids(inputs_embeds, attention_mask, 0)
+                return None, position_ids, layout, None
             cache = NSACache(self.config)
-            if new_mask is None and mask is not None and q_len <= MAX_DECODE_QUERIES:
-                new_mask = mask
+            padded = layout.mode == "padded" or (mask is not None and q_len <= MAX_DECODE_QUERIES)
+            new_mask = mask if padded else None
+        else:
+            decoding = q_len <= MAX_DECODE_QUERIES
+            # Decoding steps take the mask as it is (no host sync); other forwards drop a mask without padding.
+            new_mask = mask if mask is not None and (decoding or not bool(mask.all())) else None
+            if not decoding and packed_cu_seqlens(kwargs, position_ids, new_mask, past, batch_size, q_len, device) \
+                    is not None:
+                raise ValueError("packed sequences (cu_seq_lens or restarting position_ids) cannot use a cache")
 
-        if cache is not None:
-            step = cache.begin_step(new_mask, q_len, batch_size, device)
-            if position_ids is None:  # positions count each row's real tokens
-                position_ids = step.query_positions.clamp_min(0).long()
-            return cache, position_ids, None, step
-        if position_ids is None:
-            position_ids = _default_position_ids(inputs_embeds, attention_mask, 0)
-        return None, position_ids, build_nsa_layout(batch_size, q_len, new_mask, cu_seqlens, device), None
+        step = cache.begin_step(new_mask, q_len, batch_size, device)
+        if position_ids is None:  # positions count each row's real tokens
+            position_ids = step.query_positions.clamp_min(0).long()
+        return cache, position_ids, None, step
 
 
 def _default_position_ids(inputs_embeds, attention_mask, past_seen_tokens):
-    """Positions of the new tokens: counting real tokens only when a 2-D mask has padding, else `past + arange`."""
+    """
+    Positions of the new tokens: counting real tokens only under a 2-D mask (the same as `past + arange` without
+    padding, and no host sync to find out), else `past + arange`.
+    """
     q_len = inputs_embeds.shape[1]
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+    if attention_mask is not None and attention_mask.dim() == 2 and (
+            attention_mask.shape[1] == past_seen_tokens + q_len or not bool(attention_mask.bool().all())):
         positions = attention_mask.long().cumsum(-1) - 1
         return positions.clamp_min(0)[:, -q_len:].to(inputs_embeds.device)
     return torch.arange(past_seen_tokens, past_seen_tokens + q_len, device=inputs_embeds.device).unsqueeze(0)
