@@ -227,28 +227,26 @@ class Clock:
 
 
 def train(model, batches: Batches, steps: int, lr: float, params, log, clock: Clock, flops_per_step: float,
-          first_step: int = 0, total_steps: int | None = None, warmup: int = 100, alignment_weight: float = 0.0,
-          time_box_s: float | None = None, weight_decay: float = 0.1) -> int:
+          first_step: int = 0, warmup: int = 100, alignment_weight: float = 0.0, time_box_s: float | None = None,
+          weight_decay: float = 0.1) -> int:
     """
-    AdamW with linear warm-up and cosine decay to 10% over `total_steps` (steps `first_step ..` of that schedule are
-    run, so two stages can share one schedule's data order). `time_box_s`: set the number of steps after 10 steps
-    from their measured speed, so that training ends within the box. Returns the number of steps run.
+    AdamW with linear warm-up and cosine decay to 10% over `steps`, on the batches `first_step, first_step + 1, ...`
+    (so that a second stage continues the first one's data). `time_box_s`: after 10 steps, cut `steps` to what fits
+    the box at their measured speed (the schedule follows). Returns the number of steps run.
     """
     device = next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                                   fused=device.type == "cuda")
-    total_steps = total_steps or steps
     model.train()
     start = time.time()
     step = 0
     while step < steps:
-        t = first_step + step
-        scale = (t + 1) / warmup if t < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (t - warmup) /
-                                                                               max(1, total_steps - warmup)))
+        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) /
+                                                                                  max(1, steps - warmup)))
         for group in optimizer.param_groups:
             group["lr"] = lr * min(scale, 1.0)
-        ids = batches(t)
+        ids = batches(first_step + step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if alignment_weight:
                 alignment, outputs = selection_alignment_loss(model, ids, labels=ids, return_outputs=True)
@@ -265,7 +263,6 @@ def train(model, batches: Batches, steps: int, lr: float, params, log, clock: Cl
                 torch.cuda.synchronize()
             per_step = (time.time() - start) / 10
             steps = max(10, min(steps, int(time_box_s / per_step)))
-            total_steps = steps
             log(f"  {per_step * 1000:.0f} ms/step: {steps} steps fit the time box")
         if step % 20 == 0 or step == steps:
             elapsed = time.time() - start
@@ -456,7 +453,7 @@ class Experiment:
         return Batches(self.train_stream, self.cfg["seq"], self.cfg["rows"], seed=1, device=self.device)
 
     def continued(self, name: str, stage: str, attention: str, model, steps: int, lr: float, params, first_step=0,
-                  total_steps=None, alignment_weight=0.0, weight_decay=0.1) -> bool:
+                  alignment_weight=0.0, weight_decay=0.1) -> bool:
         cfg = self.cfg
         tokens_per_step = cfg["seq"] * cfg["rows"]
         flops = flops_per_token(cfg, cfg["seq"], attention) * tokens_per_step
@@ -466,8 +463,8 @@ class Experiment:
         self.log(f"{name} / {stage}: {steps} steps of {cfg['rows']} x {cfg['seq']} tokens, lr {lr}")
         start = time.time()
         train(model, self.batches(), steps, lr, params, self.log, self.clock, flops, first_step=first_step,
-              total_steps=total_steps, warmup=min(cfg["warmup_steps"], max(1, (total_steps or steps) // 10)),
-              alignment_weight=alignment_weight, weight_decay=weight_decay)
+              warmup=min(cfg["warmup_steps"], max(1, steps // 10)), alignment_weight=alignment_weight,
+              weight_decay=weight_decay)
         train_s = time.time() - start
         tokens = (first_step + steps) * tokens_per_step
         return self.evaluated(name, stage, attention, model, tokens, train_s=round(train_s, 1))
@@ -503,9 +500,9 @@ class Experiment:
         if set(stage1) != set(nsa_parameters(model)):
             raise ValueError(f"{self.stage1_path()} does not hold this model's NSA parameters")
         model.load_state_dict(stage1, strict=False)
-        # stage 2 continues the data order after stage 1, with a schedule of its own
+        # stage 2 continues the data after stage 1's, with a schedule (and optimizer) of its own
         return self.continued("nsa-recipe", "stage 2", "nsa", model, s2, self.cfg["lr"], model.parameters(),
-                              first_step=s1, total_steps=s1 + s2)
+                              first_step=s1)
 
     def naive(self) -> bool:
         if self.args.resume and self.has("nsa-naive", "continued"):

@@ -208,13 +208,13 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
 
 def break_one_weight(monkeypatch, name="model.layers.0.self_attn.v_proj.weight"):
     """Make the conversion copy `name` slightly wrong, as a bug in it would."""
-    original = convert_mod.SourceWeights.read
+    original = convert_mod._SourceWeights.read
 
     def read_and_break(self, tensor_name):
         tensor = original(self, tensor_name)
         return tensor * 1.001 if tensor_name == name else tensor
 
-    monkeypatch.setattr(convert_mod.SourceWeights, "read", read_and_break)
+    monkeypatch.setattr(convert_mod._SourceWeights, "read", read_and_break)
 
 
 def test_verify_catches_a_wrong_conversion_before_writing(tmp_path, monkeypatch):

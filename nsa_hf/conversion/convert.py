@@ -173,7 +173,7 @@ def convert_checkpoint(
     if note:
         logger.warning(f"{note}; the NSA model's dense mode is full causal attention, equal to the source only on "
                        "sequences within that window")
-    weights = SourceWeights(folder)
+    weights = _SourceWeights(folder)
     plan = _ConversionPlan(weights, config, _model_dtype(dtype, dense_config, weights), nsa_init, source)
     config.architectures = [NSAForCausalLM.__name__]
     config.dtype = plan.dtype
@@ -201,7 +201,7 @@ def convert_checkpoint(
     return config
 
 
-class SourceWeights:
+class _SourceWeights:
     """
     The tensors of a dense checkpoint folder by name, with their shapes and dtypes read from the file headers; each
     tensor is read from disk only when asked for. safetensors files are opened per read (`safe_open` maps the file,
@@ -265,7 +265,7 @@ class _ConversionPlan:
     the plan checks the source's names and shapes against an NSA model on the meta device (nothing allocated).
     """
 
-    def __init__(self, weights: SourceWeights, config: NSAConfig, dtype: torch.dtype, nsa_init: str, source):
+    def __init__(self, weights: _SourceWeights, config: NSAConfig, dtype: torch.dtype, nsa_init: str, source):
         self.weights, self.config, self.dtype, self.nsa_init = weights, config, dtype, nsa_init
         with torch.device("meta"):
             self.meta_model = NSAForCausalLM(config)
@@ -360,7 +360,7 @@ def _copied_from(name: str) -> str | None:
     return name.replace(f".{module}.", f".{_BRANCH_COPIES[module]}.") if module in _BRANCH_COPIES else None
 
 
-def _model_dtype(dtype, dense_config, weights: SourceWeights) -> torch.dtype:
+def _model_dtype(dtype, dense_config, weights: _SourceWeights) -> torch.dtype:
     """The converted weights' dtype: `dtype`, or for "auto" what `from_pretrained(dtype="auto")` of the source gives."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -477,7 +477,7 @@ def _check_weight_files(folder: Path) -> None:
             shards.setdefault(file, set()).add(name)
     elif (folder / "model.safetensors").is_file():
         shards = {"model.safetensors": None}
-    else:  # no safetensors weights (e.g. pytorch_model.bin): SourceWeights reports what it finds
+    else:  # no safetensors weights (e.g. pytorch_model.bin): _SourceWeights reports what it finds
         return
     for file, indexed in shards.items():
         path = folder / file
