@@ -88,26 +88,30 @@ class _AttentionInputs:
             cos, sin = kwargs["position_embeddings"]
             self.inputs[layer] = (hidden.detach(), cos.detach(), sin.detach())
 
-    def alignment_loss(self, position_ids=None, max_queries: int = ALIGNMENT_QUERIES, **kwargs) -> torch.Tensor:
-        """The mean KL over every layer, document, chosen query and KV head (see the module docstring)."""
+    def alignment_loss(self, position_ids=None, max_queries: int = ALIGNMENT_QUERIES, **kwargs):
+        """
+        (the mean KL over every layer, document, chosen query and KV head, see the module docstring; the number of
+        terms). With no document long enough for a choosable block, (None, 0).
+        """
         if len(self.inputs) != len(self.layers):
             raise RuntimeError("the forward did not reach every NSA attention layer")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError("the selection-alignment loss takes no padded batches (an attention_mask with zeros): "
+                             "pack the documents instead, with restarting position_ids (DataCollatorWithFlattening)")
+        hidden = next(iter(self.inputs.values()))[0]
+        batch, seq = hidden.shape[:2]
+        cu_seqlens = packed_cu_seqlens(kwargs, position_ids, None, 0, batch, seq, hidden.device)
+        if cu_seqlens is None:  # every row is one document
+            cu_seqlens = torch.arange(0, batch * seq + 1, seq, device=hidden.device)
+        bounds = cu_seqlens.tolist()
         total, count = None, 0
         for layer, (hidden, cos, sin) in self.inputs.items():
-            batch, seq = hidden.shape[:2]
-            cu_seqlens = packed_cu_seqlens(kwargs, position_ids, None, 0, batch, seq, hidden.device)
-            if cu_seqlens is None:  # every row is one document
-                cu_seqlens = torch.arange(0, batch * seq + 1, seq, device=hidden.device)
-            kl, n = _layer_alignment(layer, hidden, cos, sin, cu_seqlens.tolist(), max_queries)
+            kl, n = _layer_alignment(layer, hidden, cos, sin, bounds, max_queries)
             if n:
                 total = kl if total is None else total + kl
                 count += n
-        if total is None:
-            raise ValueError(
-                "no document is long enough for the alignment loss: a query needs a selection block it may choose, "
-                f"i.e. at least (num_initial_blocks + num_local_blocks) * select_block_size + 1 tokens"
-            )
-        return total / count
+        return (total / count if count else None), count
 
 
 def _layer_alignment(attn: NSAAttention, hidden, cos, sin, bounds: list[int], max_queries: int):
@@ -206,13 +210,14 @@ def selection_alignment_loss(model: nn.Module, input_ids: torch.Tensor | None = 
     With `return_outputs`, returns `(loss, outputs)`: `outputs.loss` is the language-model loss when `labels` were
     passed, so one forward gives both.
     """
-    mask = inputs.get("attention_mask")
-    if mask is not None and not bool(mask.bool().all()):
-        raise ValueError("selection_alignment_loss takes no padded batches (an attention_mask with zeros): pack the "
-                         "documents instead, with restarting position_ids")
     with _AttentionInputs(model) as recorded:
         outputs = model(input_ids=input_ids, **inputs)
-    loss = recorded.alignment_loss(max_queries=max_queries, **inputs)
+    loss, count = recorded.alignment_loss(max_queries=max_queries, **inputs)
+    if not count:
+        raise ValueError(
+            "no document is long enough for the alignment loss: a query needs a selection block it may choose, i.e. "
+            "at least (num_initial_blocks + num_local_blocks) * select_block_size + 1 tokens"
+        )
     return (loss, outputs) if return_outputs else loss
 
 
@@ -239,7 +244,9 @@ class NSAWarmupTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with _AttentionInputs(model) as recorded:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        alignment = recorded.alignment_loss(max_queries=self.alignment_queries, **inputs)
+        alignment, count = recorded.alignment_loss(max_queries=self.alignment_queries, **inputs)
+        if not count:  # every document of this batch is too short to choose a block: nothing to align
+            return (loss, outputs) if return_outputs else loss
         self._alignment_values.append(alignment.detach())
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:  # Trainer's own rule: a loss normalised over the accumulated batch is not divided again

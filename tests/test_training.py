@@ -119,7 +119,7 @@ def test_packed_documents_give_the_loss_of_separate_rows(converted):
     # means over (queries x kv heads x layers): 70 tokens give 70 - 48 = 22 queries, 90 give 42
     expected = (22 * separate[0] + 42 * separate[1]) / 64
     assert torch.allclose(packed, expected, rtol=1e-5), (packed, expected)
-    with pytest.raises(ValueError, match="no padded batches"):
+    with pytest.raises(ValueError, match="takes no padded batches"):
         selection_alignment_loss(model, a, attention_mask=torch.ones(1, 70).index_fill(1, torch.tensor([0]), 0))
     with pytest.raises(ValueError, match="no document is long enough"):
         selection_alignment_loss(model, ids(1, 40))
