@@ -20,7 +20,7 @@ twin after the budget. Results `<out-dir>/quality_<gpu>.json`, plot `<out-dir>/q
 `<out-dir>/quality_log.txt` (written as it goes).
 
 Model: hidden 512, 8 layers, 8 query / 2 KV heads (GQA 4:1), head dim 64, SwiGLU 1408, byte vocabulary, RoPE theta
-500k: 22.8M parameters (45.6 MB in bf16, three shards of at most 15 MB). NSA: the paper's l=32, d=16, l'=64, n=16,
+500k: 22.8M parameters (45.6 MB in bf16, three shards of at most 16 MB). NSA: the paper's l=32, d=16, l'=64, n=16,
 w=512. Training: AdamW, bf16 autocast over float32 weights, rows of one window each (no padding).
 
 ## GPU session (one H200; each command fits one 10-minute call, 30 minutes of device time in all)
@@ -393,11 +393,11 @@ class Experiment:
         self.save_source(model)
 
     def save_source(self, model) -> None:
-        """bf16 shards of at most 15 MB (what travels between device calls), config and index: 5 files."""
+        """bf16 shards of at most 16 MB (16e6 bytes: what comes back from a device call), config and index: 5 files."""
         folder = self.source_dir()
         if folder.exists():
             shutil.rmtree(folder)
-        model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="15MB")
+        model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="16MB")
         (folder / "generation_config.json").unlink(missing_ok=True)
         travel = self.out / "source"
         if travel.resolve() != folder.resolve():
