@@ -58,6 +58,7 @@ PAPER = {"shared_kv": False}
 # The demo's NSA settings: small blocks, so that its 128-token sequences exercise every branch
 DEMO_NSA = dict(compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4, window_size=32)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+NSA_INITS = ("dense", "uniform")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a dense Llama / Mistral / Qwen2 / Qwen3 checkpoint into an NSA one",
                        description="Copy every dense weight of a Llama / Mistral / Qwen2 / Qwen3 checkpoint into an "
-                                   "NSA model whose NSA-only parameters start neutral: in dense mode it gives the "
-                                   "source's logits. Nothing is written unless the whole conversion succeeds.")
+                                   "NSA checkpoint, streamed shard by shard: in dense mode it gives the source's "
+                                   "logits, and in NSA mode it starts as close to them as the math allows. Nothing is "
+                                   "written unless the whole conversion succeeds.")
     p.add_argument("source", help="local folder or Hub id (owner/name) of the dense checkpoint; only read")
     p.add_argument("output_dir",
                    help="folder for the NSA checkpoint; written beside it and moved into place at the end")
@@ -122,10 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the converted weights (default: auto, the source's)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output_dir when it exists and is not empty (default: refuse)")
+    p.add_argument("--nsa-init", default="dense", choices=NSA_INITS,
+                   help="how the NSA-only parameters start: dense (NSA mode as close to the source as the math "
+                        "allows: the compressed branch's gate at 0.02, the selected and window branches sharing the "
+                        "rest) or uniform (gates 1/3 each, as a fresh NSA model) (default: dense)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest output shard, e.g. 5GB or 500MB; the conversion holds about one shard in memory "
+                        "(default: 5GB)")
     p.add_argument("--verify", action="store_true",
-                   help="before writing, run the source and the converted model on a random batch and print the "
-                        "largest logit difference in dense mode, which must be 0 (exit status 1 otherwise), and in "
-                        "NSA mode (default: off)")
+                   help="before moving the output into place, load the source and then the converted model (one "
+                        "at a time: memory for one model) and run both on a random batch; print the largest logit "
+                        "difference in dense mode, which must be 0 (exit status 1 otherwise), and in NSA mode "
+                        "(default: off)")
     _add_nsa_flags(p, {})
     return parser
 
@@ -133,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cli_wording(message: str) -> str:
     """An error message in the command line's words: one line, flags instead of field names and Python keywords."""
     message = " ".join(message.split()).replace("overwrite=True", "--overwrite")
-    for field in NSA_FLAGS:
+    for field in (*NSA_FLAGS, "max_shard_size", "nsa_init"):
         message = message.replace(f"`{field}`", _flag(field))
     return message
 

@@ -91,13 +91,17 @@ def demo(args) -> None:
 
 
 def convert(args) -> None:
-    model = convert_checkpoint(
-        args.source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
-        **_nsa_fields(args),
+    from .modeling import NSAForCausalLM
+
+    c = convert_checkpoint(
+        args.source, args.output_dir, dtype=args.dtype, nsa_init=args.nsa_init, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, verify=args.verify, **_nsa_fields(args),
     )
-    c = model.config
+    with torch.device("meta"):  # the parameter count, without allocating the model
+        parameters = sum(p.numel() for p in NSAForCausalLM(c).parameters())
     print(
-        f"wrote {args.output_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{c.num_hidden_layers} layers, {c.num_attention_heads}q/{c.num_key_value_heads}kv heads; NSA l={c.compress_block_size} "
-        f"d={c.compress_stride} l'={c.select_block_size} n={c.num_selected_blocks} w={c.window_size}"
+        f"wrote {args.output_dir}: {parameters / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, "
+        f"{c.num_attention_heads}q/{c.num_key_value_heads}kv heads; NSA l={c.compress_block_size} "
+        f"d={c.compress_stride} l'={c.select_block_size} n={c.num_selected_blocks} w={c.window_size}, "
+        f"init {args.nsa_init}"
     )

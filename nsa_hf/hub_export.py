@@ -201,8 +201,8 @@ def _nsa_card_section(config, repo_id: str, base_model) -> str:
     if base_model:
         origin = (
             f" It derives from the dense checkpoint `{base_model}`, converted by `nsa-hf convert` (every dense weight "
-            "copied, the NSA-only parameters started neutral: right after conversion, dense mode gives the source's "
-            "logits)."
+            "copied, the NSA-only parameters initialised so that NSA mode starts close to the source: right after "
+            "conversion, dense mode gives the source's logits exactly)."
         )
     return f"""{_CARD_START}
 ## Native Sparse Attention

@@ -12,13 +12,13 @@ import sys
 import huggingface_hub.constants
 import pytest
 from _tiny import NSA_SIZES
-from test_conversion import digest, make_source
+from test_conversion import break_one_weight, digest, make_source
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import nsa_hf.conversion.convert as convert_mod
 import nsa_hf_cli
 from nsa_hf import NSAConfig
-from nsa_hf.conversion.convert import DTYPES, NSA_FIELDS
+from nsa_hf.conversion.convert import DTYPES, NSA_FIELDS, NSA_INITS
 from nsa_hf_cli import build_parser, main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,7 @@ def test_flag_defaults_are_nsaconfig_defaults():
     config = NSAConfig()
     assert list(nsa_hf_cli.NSA_FLAGS) == list(NSA_FIELDS)
     assert {k: v[1] for k, v in nsa_hf_cli.NSA_FLAGS.items()} == {k: getattr(config, k) for k in NSA_FIELDS}
-    assert nsa_hf_cli.DTYPES == DTYPES
+    assert nsa_hf_cli.DTYPES == DTYPES and nsa_hf_cli.NSA_INITS == NSA_INITS
     help_text = subcommands()["convert"].format_help()
     assert "(default: 512, the paper's)" in " ".join(help_text.split())
     assert "(default: true; the paper's: false)" in " ".join(help_text.split())  # --shared-kv
@@ -157,13 +157,15 @@ def _existing_output(src):
         (None, ["--window-size", "-5"], ["--window-size must be a positive integer, got -5"]),
         (None, ["--compress-stride", "5"], ["--compress-stride (5) must divide --compress-block-size (32)"]),
         (None, ["--use-qk-norm", "true"], ["--use-qk-norm cannot be True for a llama source"]),
+        (None, ["--max-shard-size", "5XB"], ["--max-shard-size '5XB' is not a positive size"]),
+        (None, ["--nsa-init", "zero"], ["argument --nsa-init: invalid choice: 'zero'"]),
         (_gpt2, [], ["model_type 'gpt2'", "supported are llama, mistral, qwen2, qwen3"]),
         (_existing_output, [], ["exists and is not empty (--overwrite replaces it)"]),
         (_truncated_shard, [], ["model.safetensors is truncated or corrupt", "header"]),
         (_index_without_an_entry, [], ["has no entry for ['model.layers.0.self_attn.q_proj.weight']"]),
         (_index_naming_a_missing_shard, [], ["names the weight file", "which is not in"]),
     ],
-    ids=["negative-window", "bad-stride", "qk-norm-mismatch", "gpt2", "existing-output", "truncated-shard",
+    ids=["negative-window", "bad-stride", "qk-norm-mismatch", "bad-shard-size", "bad-init", "gpt2", "existing-output", "truncated-shard",
          "missing-index-entry", "missing-shard"],
 )
 def test_convert_errors_are_one_line_exit_2_and_write_nothing(capsys, tmp_path, prepare, flags, fragments):
@@ -222,13 +224,7 @@ def test_convert_with_verify_prints_what_it_compared(capsys, tmp_path):
 def test_failed_verification_is_one_line_exit_1(capsys, tmp_path, monkeypatch):
     src = tmp_path / "src"
     make_source(src, "llama")
-    original = convert_mod._init_nsa_only
-
-    def init_and_break(model, config, zero_o_bias):
-        original(model, config, zero_o_bias)
-        model.model.layers[0].self_attn.v_proj.weight.data.mul_(1.001)
-
-    monkeypatch.setattr(convert_mod, "_init_nsa_only", init_and_break)
+    break_one_weight(monkeypatch)
     status, out, err = run_cli(capsys, "convert", str(src), str(tmp_path / "out"), *SMALL, "--verify")
     assert_one_line_error(status, err, "convert", "differs from", "in dense mode", expected_status=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
