@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from nsa_hf.kernels import band_attention, band_attention_bwd, nsa, selected_reverse, selected_tiles  # noqa: E402
+from nsa_hf.kernels import band_attention, band_attention_bwd, decode, nsa, selected_reverse, selected_tiles  # noqa: E402
 from nsa_hf.kernels import selection  # noqa: E402
 
 KERNELS = dict(
@@ -33,19 +33,23 @@ KERNELS = dict(
     sel_fwd=selected_tiles._fwd_kernel, sel_dq=selected_tiles._dq_kernel, sel_by_block=selected_reverse._fwd_by_block_kernel,
     sel_dkdv=selected_reverse._dkdv_kernel, delta=selected_reverse._delta_kernel, select=selection._select_kernel,
     gate_fwd=nsa._gate_combine_fwd_kernel, gate_bwd=nsa._gate_combine_bwd_kernel,
+    decode_cmp=decode._cmp_kernel, decode_select=decode._select_kernel, decode_sparse=decode._sparse_kernel,
 )
 # pointer arguments by name; every other argument without a constexpr is an int32 unless it is a scale
 FP32 = {"LSE", "DELTA", "LSE_E", "OACC", "DKA", "DVA", "DQA", "deltas"}
-I64 = {"UM", "WS"}
+I64 = {"UM", "WS", "CAND"}
 BF16 = {"Q", "K", "V", "O", "DO", "DQ", "KC", "DK_OUT", "DV_OUT", "o_cmp", "o_slc", "o_win", "gates", "out", "do",
-        "do_cmp", "do_slc", "do_win", "dgates"}
+        "do_cmp", "do_slc", "do_win", "dgates", "VC", "KW", "VW"}
 I32 = {"TILE_DOC", "TILE_CUM", "TILE_DOC_S", "TILE_CUM_S", "TILE_DOC_L", "TILE_CUM_L", "CU_Q", "CU_K", "CU_N", "CU_C",
-       "UB", "UC", "IDX", "POS", "TILE_ROW0", "ITEM_BUCKET", "ITEM_SEG", "BUCKET_OFF", "BLK_DOC", "BLK_OFF", "OUT"}
+       "UB", "UC", "IDX", "POS", "QPOS", "TILE_ROW0", "ITEM_BUCKET", "ITEM_SEG", "BUCKET_OFF", "BLK_DOC", "BLK_OFF", "OUT"}
 FLOATS = {"qk_scale", "sm_scale", "scale", "scale_log2"}
 
 BAND = dict(DOT_PREC="tf32", BLOCK_DK1=128, BLOCK_DK2=0, BLOCK_DV1=128, BLOCK_DV2=0)
 DK192 = dict(BLOCK_DK2=64)
 SEL = dict(HKV=4, L=64, N=16, NP=16, DK=128, DV=128, BK1=128, BK2=0, BV=128, BN=64, PREC="tf32")
+DECODE = dict(Q_LEN=1, HKV=4, GP=16, DK=128, BK1=128, BK2=0, DV=128, BV=128, CMP_LEN=32, STRIDE=16, SEL_LEN=64, R=4,
+              C=2, BN=64, NJ=16, PREC="tf32")
+DECODE_PARTIALS = ("M_SPLIT", "L_SPLIT", "ACC_SPLIT", "M_CHUNK", "OWN", "SPILL", "M_UNIT", "L_UNIT", "ACC_UNIT")
 # (name, kernel, warps, stages, fp32 outputs, constexprs): paper layout (G=16), llama3 (G=4), DK 192 = 128 + 64
 VARIANTS = [
     ("band_fwd_window_g16", "band_fwd", 8, 3, (), dict(BAND, G=16, HG=16, NUM_HC=1, BLOCK_T=8, BLOCK_M=128,
@@ -78,6 +82,15 @@ VARIANTS = [
      ROWS=128, BS=16, HEAD_MASK=selection._head_mask(128, 8, 16))),
     ("gate_fwd", "gate_fwd", 4, 2, (), dict(DV=128, BR=32, BD=128)),
     ("gate_bwd", "gate_bwd", 4, 2, (), dict(DV=128, BR=32, BD=128)),
+    # decoding (one query per row): paper layout, llama3 (G=4), DK 192 = 128 + 64
+    ("decode_cmp_g16", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16)),
+    ("decode_cmp_g4_dk192", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64)),
+    ("decode_select_g16", "decode_select", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, SP=64, NP=16, N_INIT=1,
+     N_LOCAL=2, BS=128)),
+    ("decode_sparse_g16", "decode_sparse", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, N=16, WINDOW=512, NUM_WIN=8,
+     PER_UNIT=1, SEL_UNITS=16, NUM_UNITS=24, NP=16, CP=8, BN=64)),
+    ("decode_sparse_g4_dk192", "decode_sparse", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64, N=16,
+     WINDOW=512, NUM_WIN=8, PER_UNIT=5, SEL_UNITS=4, NUM_UNITS=6, NP=16, CP=4, BN=64)),
 ]
 
 

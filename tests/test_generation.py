@@ -199,7 +199,7 @@ def test_static_cache_decodes_like_the_full_forward_with_left_padding(variant):
     decoded = torch.cat(pieces, dim=1)
     assert cache.seqlens.tolist() == [41 + 30, 16 + 30, 7 + 29]
     for i, row in enumerate(rows):
-        extra = more[i : i + 1] if i < 2 else torch.cat([more[i : i + 1, 1:]], dim=1)
+        extra = more[i : i + 1] if i < 2 else more[i : i + 1, 1:]  # row 2's first new slot was padding
         alone = model(torch.cat([row, extra], dim=1)).logits[0]
         n = row.shape[1]
         assert_close(prefill[i, -n:], alone[:n])

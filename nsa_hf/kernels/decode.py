@@ -57,6 +57,39 @@ def _load_rows(ptr, rows_ok, cols, LIMIT: tl.constexpr, END: tl.constexpr):
     return tl.load(ptr + cols[None, :], mask=_tile_mask(rows_ok[:, None], cols[None, :], LIMIT, END), other=0.0)
 
 
+@triton.jit
+def _group_queries(Q, bt, h, stride_qb, stride_qt, stride_qh, Q_LEN: tl.constexpr, HKV: tl.constexpr,
+                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr):
+    """
+    The G query heads of KV head h at query slot bt (= batch row * Q_LEN + query) as `[GP, BK1]` (+ `[GP, BK2]`)
+    tiles, which rows are real heads, and each row's index in the `[batch * q_len * heads, ...]` partials.
+    """
+    rows = tl.arange(0, GP)
+    row_ok = rows < G
+    out_row = (bt * HKV * G + h * G + rows).to(tl.int64)
+    q_ptr = Q + (bt // Q_LEN).to(tl.int64) * stride_qb + (bt % Q_LEN) * stride_qt + (h * G + rows)[:, None] * stride_qh
+    q1 = _load_rows(q_ptr, row_ok, tl.arange(0, BK1), DK, BK1)
+    q2 = q1  # unused without a second head-dim piece
+    if BK2 > 0:
+        q2 = _load_rows(q_ptr, row_ok, BK1 + tl.arange(0, BK2), DK, BK1 + BK2)
+    return q1, q2, row_ok, out_row
+
+
+@triton.jit
+def _tile_scores(q1, q2, k_base, kpos, stride_kt, kv_ok, DK: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
+                 PREC: tl.constexpr):
+    """`q . K^T` `[GP, BN]` of the keys at `kpos` (keys where not `kv_ok` read as zero)."""
+    k_ptr = k_base + kpos.to(tl.int64)[None, :] * stride_kt
+    d1 = tl.arange(0, BK1)
+    kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(kv_ok[None, :], d1[:, None], DK, BK1), other=0.0)
+    s = tl.dot(q1, kt1, input_precision=PREC)
+    if BK2 > 0:
+        d2 = BK1 + tl.arange(0, BK2)
+        kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(kv_ok[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
+        s += tl.dot(q2, kt2, input_precision=PREC)
+    return s
+
+
 @triton.jit(do_not_specialize=_CMP_VARYING)
 def _cmp_kernel(
     Q, KC, VC, QPOS, M_SPLIT, L_SPLIT, ACC_SPLIT, M_CHUNK, OWN, SPILL,
@@ -76,15 +109,8 @@ def _cmp_kernel(
     t = tl.load(QPOS + bt)
     n_vis = tl.where(t + 1 >= CMP_LEN, (t + 1 - CMP_LEN) // STRIDE + 1, 0)  # compression blocks i*d + l - 1 <= t
 
-    rows = tl.arange(0, GP)
-    row_ok = rows < G
-    out_row = (bt * HKV * G + h * G + rows).to(tl.int64)  # row of the [batch * q_len * heads, ...] partials
-    q_ptr = Q + b.to(tl.int64) * stride_qb + (bt % Q_LEN) * stride_qt + (h * G + rows)[:, None] * stride_qh
-    d1 = tl.arange(0, BK1)
-    q1 = _load_rows(q_ptr, row_ok, d1, DK, BK1)
-    if BK2 > 0:
-        d2 = BK1 + tl.arange(0, BK2)
-        q2 = _load_rows(q_ptr, row_ok, d2, DK, BK1 + BK2)
+    q1, q2, row_ok, out_row = _group_queries(Q, bt, h, stride_qb, stride_qt, stride_qh, Q_LEN, HKV, G, GP, DK, BK1,
+                                             BK2)
     dv = tl.arange(0, BV)
     k_base = KC + b.to(tl.int64) * stride_cb + h * stride_ch
     v_base = VC + b.to(tl.int64) * stride_db + h * stride_dh
@@ -104,12 +130,15 @@ def _cmp_kernel(
         chunk = first + c
         cols = chunk * BN + tl.arange(0, BN)
         vis = cols < n_vis
+        # K's and V's loads issued before the dots (not `_tile_scores`): the measured schedule, 22 fewer registers
+        d1 = tl.arange(0, BK1)
         k_ptr = k_base + cols.to(tl.int64)[None, :] * stride_ct
         kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(vis[None, :], d1[:, None], DK, BK1), other=0.0)
         vb = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_dt + dv[None, :],
                      mask=_tile_mask(vis[:, None], dv[None, :], DV, BV), other=0.0)
         s = tl.dot(q1, kt1, input_precision=PREC)
         if BK2 > 0:
+            d2 = BK1 + tl.arange(0, BK2)
             kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(vis[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
             s += tl.dot(q2, kt2, input_precision=PREC)
         s = tl.where(vis[None, :], s * scale_log2, float("-inf"))
@@ -232,15 +261,8 @@ def _sparse_kernel(
     b = bt // Q_LEN
     t = tl.load(QPOS + bt)
 
-    rows = tl.arange(0, GP)
-    row_ok = rows < G
-    out_row = (bt * HKV * G + h * G + rows).to(tl.int64)
-    q_ptr = Q + b.to(tl.int64) * stride_qb + (bt % Q_LEN) * stride_qt + (h * G + rows)[:, None] * stride_qh
-    d1 = tl.arange(0, BK1)
-    q1 = _load_rows(q_ptr, row_ok, d1, DK, BK1)
-    if BK2 > 0:
-        d2 = BK1 + tl.arange(0, BK2)
-        q2 = _load_rows(q_ptr, row_ok, d2, DK, BK1 + BK2)
+    q1, q2, row_ok, out_row = _group_queries(Q, bt, h, stride_qb, stride_qt, stride_qh, Q_LEN, HKV, G, GP, DK, BK1,
+                                             BK2)
     dv = tl.arange(0, BV)
     is_sel = unit < SEL_UNITS
     slots = tl.arange(0, NP)
@@ -281,12 +303,7 @@ def _sparse_kernel(
             lo = tl.maximum(lo, 0)
         kpos = lo + tl.arange(0, BN)
         kv_ok = kpos < hi
-        k_ptr = k_base + kpos.to(tl.int64)[None, :] * skt
-        kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(kv_ok[None, :], d1[:, None], DK, BK1), other=0.0)
-        s = tl.dot(q1, kt1, input_precision=PREC)
-        if BK2 > 0:
-            kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(kv_ok[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
-            s += tl.dot(q2, kt2, input_precision=PREC)
+        s = _tile_scores(q1, q2, k_base, kpos, skt, kv_ok, DK, BK1, BK2, PREC)
         s = tl.where(kv_ok[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -60,11 +60,16 @@ class NSACacheStep:
         self.new_lengths = new_lengths
         self.host_old_lengths, self.host_new_lengths = host_lengths if host_lengths is not None else (None, None)
 
+    def shared(self, name: str, build):
+        """What every layer of the step needs alike (`build()`), built by the first layer that asks."""
+        value = self.__dict__.get(name)
+        if value is None:
+            value = self.__dict__[name] = build()
+        return value
+
     def packing(self, build):
         """The step's `CachedPrefill`, built by the first layer that asks (`build()`), shared by the rest."""
-        if getattr(self, "_packing", None) is None:
-            self._packing = build()
-        return self._packing
+        return self.shared("_packing", build)
 
     @property
     def uniform(self) -> bool:
@@ -178,7 +183,7 @@ class NSACache(Cache):
     def get_max_length(self, layer_idx: int = 0) -> int:
         return -1
 
-    def capacity_for(self, num_new: int) -> int:
+    def raw_capacity(self, num_new: int) -> int:
         """Raw columns the buffers need after a forward of `num_new` tokens (no row holds more than the columns)."""
         return _round_up(self._columns + num_new, _GROWTH)
 
@@ -233,9 +238,6 @@ class NSACache(Cache):
         self._advance(new, num_new)
         return NSACacheStep(decode, positions, columns, old, new, scratch, host)
 
-    def raw_capacity(self, num_new: int) -> int:
-        return self.capacity_for(num_new)
-
     def check_capacity(self, new_lengths: torch.Tensor) -> None:
         pass  # dynamic buffers grow to fit
 
@@ -251,7 +253,7 @@ class NSACache(Cache):
         if not layer.is_initialized:
             layer.lazy_initialization(first, first)
         capacity = step.capacity
-        rows = torch.arange(first.shape[0], device=first.device)[:, None]
+        rows = step.shared("_rows", lambda: torch.arange(first.shape[0], device=first.device)[:, None])
         raw = {}
         for name, new in states.items():
             buf = layer.ensure(name, new, capacity)
@@ -273,16 +275,23 @@ class NSACache(Cache):
 
     def _compress_candidates(self, buf, src, phi, step, cmp_capacity):
         """Decoding: compress the blocks that may complete in this step, branch-free; write those that do."""
+        rows, tokens, dest = step.shared("_candidates", lambda: self._candidate_blocks(step, src, cmp_capacity))
+        blocks = src[rows[:, :, None], tokens]  # [batch, C, l, heads, dim]
+        buf.index_put_((rows, dest), phi(blocks).to(buf.dtype))
+
+    def _candidate_blocks(self, step, src, cmp_capacity):
+        """
+        Per row, the blocks that may complete in this decoding step: `(rows [batch, 1], tokens [batch, C, l], dest
+        [batch, C])`, dest the block's slot or the scratch slot when it does not complete. The same for every layer.
+        """
         l, d = self.compress_block_size, self.compress_stride
         batch, num_new = step.query_positions.shape
         first = num_compressed(step.old_lengths, l, d)  # [batch]
         done = num_compressed(step.new_lengths, l, d)
         cand = first[:, None] + torch.arange(-(-num_new // d), device=src.device)  # [batch, C]
-        tokens = (cand[..., None] * d + torch.arange(l, device=src.device)).clamp_max(src.shape[1] - 1)
-        rows = torch.arange(batch, device=src.device)
-        blocks = src[rows[:, None, None], tokens]  # [batch, C, l, heads, dim]
+        tokens = (cand[..., None] * d + torch.arange(l, device=src.device)).clamp_max(step.capacity)  # scratch
         dest = torch.where(cand < done[:, None], cand, cmp_capacity).to(torch.int64)
-        buf.index_put_((rows[:, None], dest), phi(blocks).to(buf.dtype))
+        return torch.arange(batch, device=src.device)[:, None], tokens, dest
 
     def _compress_prefill(self, buf, src, phi, step):
         """Prefill: compress each row's newly completed blocks (host-known lengths)."""
