@@ -3,6 +3,7 @@ Quick timings of single kernels against dense causal SDPA (bf16, CUDA), moved he
 
     python benchmarks/bench_kernels.py band --seqlens 8192 32768 65536       # window + compressed attention
     python benchmarks/bench_kernels.py selected --seqlens 8192 16384 32768   # selected attention, synthetic selection
+    python benchmarks/bench_kernels.py selection --seqlens 65536             # block scoring + top-n (l, d, l') pairs
 
 `synthetic_selection` makes block indices with the structure of real NSA selections, cheap at long T.
 """
@@ -19,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_hf.kernels.compressed import compressed_attention  # noqa: E402
 from nsa_hf.kernels.selected import selected_attention  # noqa: E402
+from nsa_hf.kernels.selection import select_blocks  # noqa: E402
+from nsa_hf.kernels.utils import num_compressed_blocks  # noqa: E402
 from nsa_hf.kernels.window import window_attention  # noqa: E402
 
 
@@ -113,12 +116,27 @@ def bench_selected(seqlens, HQ=64, HKV=4, DK=192, DV=128, L=64, n=16):
         )
 
 
+def bench_selection(seqlens, HQ=64, HKV=4, D=128, n=16):
+    """`select_blocks` (block scores recomputed from the compressed logits, top-n) for the paper's (l, d, l') and
+    (64, 64, 64), with the throughput of the q . K_cmp^T it recomputes."""
+    dev, bf = "cuda", torch.bfloat16
+    for T in seqlens:
+        for l, d, lp in ((32, 16, 64), (64, 64, 64)):
+            q = torch.randn(1, T, HQ, D, device=dev, dtype=bf)
+            k_cmp = torch.randn(1, num_compressed_blocks(T, l, d), HKV, D, device=dev, dtype=bf)
+            lse = torch.full((1, T, HQ), 6.0, device=dev)
+            ms = do_bench(lambda: select_blocks(q, k_cmp, lse, l, d, lp, n), warmup=50, rep=200)
+            flops = 2 * HQ * D * sum((t - l) // d + 1 for t in range(l - 1, T, 64)) * 64  # causal q . K_cmp^T
+            print(f"T={T:6d} HQ={HQ} HKV={HKV} D={D} l={l} d={d} l'={lp} n={n}: select_blocks {ms:7.3f} ms"
+                  f" ({flops / ms / 1e9:.0f} TFLOP/s of q . K_cmp^T)", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernel", choices=["band", "selected"])
+    parser.add_argument("kernel", choices=["band", "selected", "selection"])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536])
     args = parser.parse_args()
-    (bench_band if args.kernel == "band" else bench_selected)(args.seqlens)
+    dict(band=bench_band, selected=bench_selected, selection=bench_selection)[args.kernel](args.seqlens)
 
 
 if __name__ == "__main__":

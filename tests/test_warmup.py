@@ -1,7 +1,6 @@
 """`nsa_hf.warmup`: one call per tuning regime before serving (CPU: the calls it makes; GPU: nothing compiles after)."""
 
 import pytest
-import torch
 
 import nsa_hf
 from nsa_hf import NSAConfig, NSAForCausalLM

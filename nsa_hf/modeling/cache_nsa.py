@@ -259,7 +259,7 @@ class NSACache(Cache):
             buf = layer.ensure(name, new, capacity)
             buf.index_put_((rows, step.write_columns), new)
             raw[name] = buf
-        l, d = self.compress_block_size, self.compress_stride
+        d = self.compress_stride
         cmp_capacity = max(math.ceil(capacity / d), 1)
         compressed = {}
         for name, source, phi in compress_sources:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
