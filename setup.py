@@ -16,6 +16,7 @@ setup(
         "safetensors",
         "huggingface_hub",
         "peft",
+        "accelerate",  # Trainer (the warm-up and training recipes), device_map loading
         "tqdm",
     ],
     extras_require={"test": ["pytest", "matplotlib"], "bench": ["matplotlib"]},
