@@ -126,9 +126,12 @@ def main():
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--dump", default=None, help="write <variant>.ptx / .sass here")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--divisible", default="", help="comma-separated integer arguments compiled as multiples of 16"
+                        " (as a launch specialises them when they are): compare with and without for do_not_specialize")
     args = parser.parse_args()
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     only = set(args.only.split(",")) if args.only else None
+    divisible = set(filter(None, args.divisible.split(",")))
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0
@@ -140,7 +143,7 @@ def main():
         sig = signature(fn, constexprs, fp32_outputs)
         # as the launcher specialises them at run time: 16-byte aligned pointers, strides that are multiples of 16
         aligned = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(sig.items())
-                   if kind.startswith("*") or (kind == "i32" and arg.startswith("stride_"))}
+                   if kind.startswith("*") or (kind == "i32" and (arg.startswith("stride_") or arg in divisible))}
         src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=aligned)
         try:
             compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
