@@ -622,12 +622,17 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
         """
         `generate` makes a DynamicCache, or a static cache through `_prepare_static_cache`; NSA attention swaps the
         dynamic one for an NSACache (transformers 5.17 and 5.24 alike).
         """
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.prompt_lookup_num_tokens:
+            # prompt lookup verifies its candidates without capping them at `max_length`: room for them in static caches
+            max_cache_length += generation_config.prompt_lookup_num_tokens
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
         if self.config._attn_implementation != NSA_ATTENTION:
             return
         for name in ("cache", "past_key_values"):
