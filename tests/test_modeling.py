@@ -4,6 +4,7 @@ sequences exercise every branch: compression blocks of 8 (stride 4), selection b
 """
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import (
     LlamaForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StaticCache,
 )
 
 import nsa_hf
@@ -412,6 +414,51 @@ def test_bad_inputs_raise_clear_errors():
         model.set_attn_implementation("sdpa")
         with pytest.raises(ValueError, match="dense attention"):
             model(ids, past_key_values=NSACache(model.config))
+
+
+def test_a_cache_built_for_another_model_is_refused_naming_the_difference():
+    model = make_model()
+    ids = tokens(1, 20)
+    with torch.no_grad():
+        for other in (dict(num_hidden_layers=3), dict(compress_block_size=16, compress_stride=8, select_block_size=16)):
+            cache = NSACache(tiny_config(**other))
+            with pytest.raises(ValueError, match=next(iter(other))):
+                model(ids, past_key_values=cache)
+        # generate's prefill and decoding steps take the model's own cache
+        model(ids, past_key_values=NSACache(model.config))
+
+
+@pytest.fixture
+def warnings_once_again():
+    """transformers' `warning_once` remembers its messages process-wide: let this test see them again."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    yield
+    hf_logging.warning_once.cache_clear()
+
+
+def test_what_nsa_attention_does_not_compute_is_said_not_silently_dropped(caplog, warnings_once_again):
+    model = make_model(attention_dropout=0.1)
+    ids = tokens(1, 20)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        out = model(ids, output_attentions=True)
+        assert out.attentions == ()
+        assert "output_attentions" in caplog.text and "'eager'" in caplog.text
+        caplog.clear()
+        model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=32))
+        assert "StaticCache" in caplog.text and "NSAStaticCache" in caplog.text
+        caplog.clear()
+        model.train()
+        model(ids)
+        assert "attention_dropout" in caplog.text
+        caplog.clear()
+        model.eval()
+        model(ids, past_key_values=DynamicCache())  # what generate makes: replaced without a word
+        model.set_attn_implementation("eager")
+        model.train()
+        out = model(ids, output_attentions=True)
+        assert caplog.text == "" and out.attentions[0].shape == (1, 4, 20, 20)
 
 
 # ----------------------------------------------------------------------------------------------- GPU
