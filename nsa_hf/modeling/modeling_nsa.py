@@ -414,6 +414,7 @@ class NSAPreTrainedModel(PreTrainedModel):
 
 class NSAModel(NSAPreTrainedModel):
     def __init__(self, config: NSAConfig):
+        config.validate_architecture()  # again: attributes set after `__post_init__` (`config.x = ...`) skip it
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
