@@ -539,6 +539,28 @@ def test_peft_lora_wraps_the_nsa_model():
     assert any("gate_proj.lora_B" in n and p.grad.abs().sum() > 0 for n, p in trainable)
 
 
+def test_lora_adapter_saves_loads_on_a_fresh_base_and_merges(tmp_path):
+    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+
+    make_model().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lora_config = LoraConfig(r=4, task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             init_lora_weights=False)  # random B: the adapter changes the outputs
+    adapted = get_peft_model(base, lora_config).eval()
+    ids = tokens(2, 48)
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        assert (expected - make_model()(ids).logits).abs().max() > 1e-3
+    adapted.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    merged = loaded.merge_and_unload()
+    assert type(merged) is NSAForCausalLM
+    with torch.no_grad():
+        assert_close(merged(ids).logits, expected, atol=1e-5)
+        assert torch.equal(merged.generate(ids, max_new_tokens=5, do_sample=False),
+                           adapted.generate(input_ids=ids, max_new_tokens=5, do_sample=False))
+
+
 def test_checkpoint_without_nsa_weights_loads_with_the_nsa_init(tmp_path):
     # A dense checkpoint (q/k/v/o, MLP, norms, embeddings only) loads into an NSA model whose gates start at 1/3 and
     # whose compression starts as mean pooling, whatever the seed.
