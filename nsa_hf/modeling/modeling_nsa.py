@@ -681,7 +681,7 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
             model_kwargs[name] = NSACache(self.config)
 
     def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
-        """`cache_implementation="static"` with NSA attention: a new `NSAStaticCache`, as long as the longest call so far."""
+        """`cache_implementation="static"` with NSA attention: a new `NSAStaticCache`, as long as the longest so far."""
         if self.config._attn_implementation != NSA_ATTENTION:
             return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
         if "offloaded" in cache_implementation:
