@@ -365,6 +365,19 @@ def test_prompt_lookup_and_assisted_decoding_equal_greedy_decoding():
     assert out is None or torch.equal(out, model.generate(repeated, **kwargs))
 
 
+def test_text_generation_pipeline_batches_like_single_prompts():
+    from transformers import ByT5Tokenizer, pipeline
+
+    tokenizer = ByT5Tokenizer()  # byte-level: no vocabulary file to download
+    generator = pipeline("text-generation", model=make_model(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    prompts = ["Hi", "a longer prompt, so that the batch is padded"]
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    alone = [generator(prompt, **kwargs)[0]["generated_text"] for prompt in prompts]
+    batched = [out[0]["generated_text"] for out in generator(prompts, batch_size=2, **kwargs)]
+    assert batched == alone and all(text.startswith(prompt) and len(text) > len(prompt)
+                                    for text, prompt in zip(alone, prompts))
+
+
 def test_dense_mode_generates_like_llama():
     torch.manual_seed(0)
     llama = LlamaForCausalLM._from_config(LlamaConfig(**DIMS), attn_implementation="sdpa").eval()

@@ -144,6 +144,21 @@ def test_save_and_load_round_trip_is_exact(tmp_path, tie):
         assert torch.equal(loaded(ids).logits, expected)
 
 
+def test_sharded_save_loads_with_device_map_and_dtype(tmp_path):
+    model = make_model(shared_kv=False)
+    ids = tokens(1, 40)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    for kwargs in (dict(device_map="auto"), dict(device_map="cpu", low_cpu_mem_usage=True)):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected), kwargs
+    model.to(torch.float16).save_pretrained(tmp_path / "half")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "half", dtype="auto").dtype == torch.float16
+
+
 def test_init_mlp_compression_is_mean_pooling_and_gates_are_one_third():
     model = make_model(randomize=False)
     blocks = torch.randn(2, 5, 8, 2, 16)
