@@ -52,6 +52,22 @@ def test_invalid_configs_raise_value_error_naming_the_field(overrides, field):
         NSAConfig(**{**TINY, **overrides})
 
 
+def test_values_set_after_construction_are_checked_when_a_model_is_built(tmp_path):
+    # `config.x = ...` and `from_pretrained(folder, x=...)` set attributes after `__post_init__` has validated
+    from transformers import AutoModelForCausalLM
+
+    from nsa_hf import NSAForCausalLM
+
+    config = NSAConfig(**TINY)
+    config.num_selected_blocks = 1
+    with pytest.raises(ValueError, match="`num_selected_blocks`"):
+        NSAForCausalLM(config)
+    NSAForCausalLM(NSAConfig(**TINY)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`compress_stride`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, compress_stride=3)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, window_size=32).config.window_size == 32
+
+
 def test_save_and_load_round_trip(tmp_path):
     config = NSAConfig(**TINY, compress_function="mean", shared_kv=False, use_qk_norm=True, num_initial_blocks=0)
     config.save_pretrained(tmp_path)

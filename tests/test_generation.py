@@ -236,6 +236,20 @@ def test_static_cache_crop_and_beam_reorder_match_the_dynamic_cache():
     assert_close(results[1], results[0], atol=1e-6)
 
 
+def test_static_cache_tokens_past_its_capacity_leave_the_held_tokens_intact():
+    # Compiled and captured steps skip the capacity check (it would sync): a chunk that runs past the capacity must
+    # write its extra tokens to the scratch column, not over the last held token.
+    model = make_model()
+    ids = tokens(1, 42)
+    cache = NSAStaticCache(model.config, max_cache_len=40)
+    cache.check_capacity = lambda new_lengths: None
+    with torch.no_grad():
+        model(ids[:, :36], past_key_values=cache)
+        logits = model(ids[:, 36:], past_key_values=cache).logits
+        full = model(ids[:, :40]).logits
+    assert_close(logits[:, :4], full[:, 36:40])
+
+
 def test_decoding_step_with_a_static_cache_compiles_without_graph_breaks():
     model = make_model()
     cache = NSAStaticCache(model.config, max_cache_len=64)
@@ -320,6 +334,48 @@ def test_beam_search_with_the_cache_equals_without():
     ids = tokens(2, 30)
     kwargs = dict(max_new_tokens=15, num_beams=3, do_sample=False)
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def _generate_unless_refused(model, ids, **kwargs):
+    """generate, or None where transformers (< 5.24) refuses assisted decoding with a static cache."""
+    try:
+        return model.generate(ids, **kwargs)
+    except ValueError as error:
+        if kwargs.get("cache_implementation") == "static" and "not supported with Static cache" in str(error):
+            return None
+        raise
+
+
+def test_prompt_lookup_and_assisted_decoding_equal_greedy_decoding():
+    # The prompt repeats, so lookups propose candidates up to the last step; the target model's verification forward
+    # then runs past `max_length - 1` tokens, and rejected candidates are cropped from the cache.
+    model = make_model()
+    ids = tokens(1, 30)
+    repeated = torch.cat([ids, ids, ids], dim=1)
+    kwargs = dict(max_new_tokens=30, do_sample=False)
+    greedy = model.generate(repeated, **kwargs)
+    assistant = make_model(seed=3)
+    for cache_implementation in (None, "static"):
+        cached = dict(kwargs, cache_implementation=cache_implementation)
+        for assisted in (dict(prompt_lookup_num_tokens=5), dict(assistant_model=assistant)):
+            out = _generate_unless_refused(model, repeated, **assisted, **cached)
+            assert out is None or torch.equal(out, greedy), (cache_implementation, assisted)
+    model.set_attn_implementation("sdpa")  # transformers' StaticCache, the same verification forwards
+    out = _generate_unless_refused(model, repeated, prompt_lookup_num_tokens=5, cache_implementation="static", **kwargs)
+    assert out is None or torch.equal(out, model.generate(repeated, **kwargs))
+
+
+def test_text_generation_pipeline_batches_like_single_prompts():
+    from transformers import ByT5Tokenizer, pipeline
+
+    tokenizer = ByT5Tokenizer()  # byte-level: no vocabulary file to download
+    generator = pipeline("text-generation", model=make_model(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    prompts = ["Hi", "a longer prompt, so that the batch is padded"]
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    alone = [generator(prompt, **kwargs)[0]["generated_text"] for prompt in prompts]
+    batched = [out[0]["generated_text"] for out in generator(prompts, batch_size=2, **kwargs)]
+    assert batched == alone and all(text.startswith(prompt) and len(text) > len(prompt)
+                                    for text, prompt in zip(alone, prompts))
 
 
 def test_dense_mode_generates_like_llama():

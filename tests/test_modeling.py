@@ -4,6 +4,7 @@ sequences exercise every branch: compression blocks of 8 (stride 4), selection b
 """
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import (
     LlamaForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StaticCache,
 )
 
 import nsa_hf
@@ -140,6 +142,21 @@ def test_save_and_load_round_trip_is_exact(tmp_path, tie):
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_sharded_save_loads_with_device_map_and_dtype(tmp_path):
+    model = make_model(shared_kv=False)
+    ids = tokens(1, 40)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    for kwargs in (dict(device_map="auto"), dict(device_map="cpu", low_cpu_mem_usage=True)):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected), kwargs
+    model.to(torch.float16).save_pretrained(tmp_path / "half")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "half", dtype="auto").dtype == torch.float16
 
 
 def test_init_mlp_compression_is_mean_pooling_and_gates_are_one_third():
@@ -414,6 +431,51 @@ def test_bad_inputs_raise_clear_errors():
             model(ids, past_key_values=NSACache(model.config))
 
 
+def test_a_cache_built_for_another_model_is_refused_naming_the_difference():
+    model = make_model()
+    ids = tokens(1, 20)
+    with torch.no_grad():
+        for other in (dict(num_hidden_layers=3), dict(compress_block_size=16, compress_stride=8, select_block_size=16)):
+            cache = NSACache(tiny_config(**other))
+            with pytest.raises(ValueError, match=next(iter(other))):
+                model(ids, past_key_values=cache)
+        # generate's prefill and decoding steps take the model's own cache
+        model(ids, past_key_values=NSACache(model.config))
+
+
+@pytest.fixture
+def warnings_once_again():
+    """transformers' `warning_once` remembers its messages process-wide: let this test see them again."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    yield
+    hf_logging.warning_once.cache_clear()
+
+
+def test_what_nsa_attention_does_not_compute_is_said_not_silently_dropped(caplog, warnings_once_again):
+    model = make_model(attention_dropout=0.1)
+    ids = tokens(1, 20)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        out = model(ids, output_attentions=True)
+        assert out.attentions == ()
+        assert "output_attentions" in caplog.text and "'eager'" in caplog.text
+        caplog.clear()
+        model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=32))
+        assert "StaticCache" in caplog.text and "NSAStaticCache" in caplog.text
+        caplog.clear()
+        model.train()
+        model(ids)
+        assert "attention_dropout" in caplog.text
+        caplog.clear()
+        model.eval()
+        model(ids, past_key_values=DynamicCache())  # what generate makes: replaced without a word
+        model.set_attn_implementation("eager")
+        model.train()
+        out = model(ids, output_attentions=True)
+        assert caplog.text == "" and out.attentions[0].shape == (1, 4, 20, 20)
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 
@@ -490,6 +552,28 @@ def test_peft_lora_wraps_the_nsa_model():
     assert trainable and all("lora_" in n for n, _ in trainable)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
     assert any("gate_proj.lora_B" in n and p.grad.abs().sum() > 0 for n, p in trainable)
+
+
+def test_lora_adapter_saves_loads_on_a_fresh_base_and_merges(tmp_path):
+    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+
+    make_model().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lora_config = LoraConfig(r=4, task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                             init_lora_weights=False)  # random B: the adapter changes the outputs
+    adapted = get_peft_model(base, lora_config).eval()
+    ids = tokens(2, 48)
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        assert (expected - make_model()(ids).logits).abs().max() > 1e-3
+    adapted.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    merged = loaded.merge_and_unload()
+    assert type(merged) is NSAForCausalLM
+    with torch.no_grad():
+        assert_close(merged(ids).logits, expected, atol=1e-5)
+        assert torch.equal(merged.generate(ids, max_new_tokens=5, do_sample=False),
+                           adapted.generate(input_ids=ids, max_new_tokens=5, do_sample=False))
 
 
 def test_checkpoint_without_nsa_weights_loads_with_the_nsa_init(tmp_path):

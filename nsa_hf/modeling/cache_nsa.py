@@ -216,8 +216,10 @@ class NSACache(Cache):
             ranks = real.to(torch.int32).cumsum(1, dtype=torch.int32)
         new = old + ranks[:, -1] if num_new > 0 else old.clone()
         scratch = self.raw_capacity(num_new)
-        positions = (old[:, None] + ranks - 1).clamp_max(scratch - 1)  # past the capacity only when it is full
-        columns = positions.to(torch.int64)
+        positions = old[:, None] + ranks - 1
+        # past the capacity only when it is full (compiled steps do not check): such tokens go to the scratch column
+        columns = positions.to(torch.int64).clamp_max(scratch)
+        positions = positions.clamp_max(scratch - 1)
         if real is not None:
             positions = torch.where(real, positions, -1)
             columns = torch.where(real, columns, scratch)
@@ -316,6 +318,7 @@ class NSACache(Cache):
     # ------------------------------------------------------------------ batch / length edits
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `abs(tokens_to_remove)` tokens of every row (as assisted decoding rolls back)."""
+        tokens_to_remove = int(tokens_to_remove)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if tokens_to_remove > 0:  # transformers < 5.18: a positive value is the length to keep
             tokens_to_remove = max(int(self.get_seq_length()) - tokens_to_remove, 0)
         tokens_to_remove = abs(tokens_to_remove)
@@ -421,6 +424,7 @@ class NSAStaticCache(NSACache):
         return raw, compressed
 
     def crop(self, tokens_to_remove: int) -> None:
+        tokens_to_remove = int(tokens_to_remove)
         if tokens_to_remove > 0:
             tokens_to_remove = max(int(self._columns) - tokens_to_remove, 0)
         tokens_to_remove = abs(tokens_to_remove)

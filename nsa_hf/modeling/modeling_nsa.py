@@ -414,6 +414,7 @@ class NSAPreTrainedModel(PreTrainedModel):
 
 class NSAModel(NSAPreTrainedModel):
     def __init__(self, config: NSAConfig):
+        config.validate_architecture()  # again: attributes set after `__post_init__` (`config.x = ...`) skip it
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
@@ -460,6 +461,16 @@ class NSAModel(NSAPreTrainedModel):
 
         nsa_layout = nsa_step = None
         if self.config._attn_implementation == NSA_ATTENTION:
+            if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+                logger.warning_once(
+                    "NSA attention forms no attention matrix: `output_attentions=True` returns no attention weights. "
+                    "Load the model with attn_implementation='eager' for those of dense attention."
+                )
+            if self.training and self.config.attention_dropout > 0:
+                logger.warning_once(
+                    f"attention_dropout={self.config.attention_dropout} is not applied by NSA attention, only in dense "
+                    "mode (attn_implementation='sdpa' / 'eager')."
+                )
             past_key_values, position_ids, nsa_layout, nsa_step = self._prepare_nsa_inputs(
                 inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, kwargs
             )
@@ -508,7 +519,14 @@ class NSAModel(NSAPreTrainedModel):
                     "NSAStaticCache, or none (the model creates one), or run dense attention (attn_implementation="
                     "'sdpa')"
                 )
+            if type(cache) is not DynamicCache:
+                logger.warning_once(
+                    f"NSA attention keeps its own cache: the empty {type(cache).__name__} passed is replaced by an "
+                    "NSACache; pass an NSAStaticCache for a preallocated one."
+                )
             cache = NSACache(self.config)  # an empty cache of another kind (e.g. from generate): replace it
+        elif cache is not None:
+            self._check_cache(cache)
         # a static cache counts its tokens on the device: its steps read no host-side length
         past = cache.get_seq_length() if cache is not None and not cache.is_static else 0
 
@@ -552,6 +570,22 @@ class NSAModel(NSAPreTrainedModel):
         if position_ids is None:  # positions count each row's real tokens
             position_ids = step.query_positions.clamp_min(0).long()
         return cache, position_ids, None, step
+
+    def _check_cache(self, cache):
+        """Refuse an NSA cache built from another model's config: its layers and compression blocks would not fit."""
+        expected = dict(num_hidden_layers=self.config.num_hidden_layers,
+                        compress_block_size=self.config.compress_block_size,
+                        compress_stride=self.config.compress_stride)
+        held = dict(num_hidden_layers=len(cache.layers), compress_block_size=cache.compress_block_size,
+                    compress_stride=cache.compress_stride)
+        if held != expected:
+            differ = [name for name in expected if held[name] != expected[name]]
+            raise ValueError(
+                f"the {type(cache).__name__} was built for another model ("
+                + ", ".join(f"{name}={held[name]}" for name in differ) + "; this model has "
+                + ", ".join(f"{name}={expected[name]}" for name in differ)
+                + "): build it from this model's config, e.g. NSACache(model.config)"
+            )
 
 
 def _default_position_ids(inputs_embeds, attention_mask, past_seen_tokens):
@@ -622,12 +656,17 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
         """
         `generate` makes a DynamicCache, or a static cache through `_prepare_static_cache`; NSA attention swaps the
         dynamic one for an NSACache (transformers 5.17 and 5.24 alike).
         """
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.prompt_lookup_num_tokens:
+            # prompt lookup verifies its candidates without capping them at `max_length`: room for them in static caches
+            max_cache_length += generation_config.prompt_lookup_num_tokens
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
         if self.config._attn_implementation != NSA_ATTENTION:
             return
         for name in ("cache", "past_key_values"):
@@ -642,7 +681,7 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
             model_kwargs[name] = NSACache(self.config)
 
     def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
-        """`cache_implementation="static"` with NSA attention: an `NSAStaticCache`, reused across calls while it fits."""
+        """`cache_implementation="static"` with NSA attention: a new `NSAStaticCache`, as long as the longest so far."""
         if self.config._attn_implementation != NSA_ATTENTION:
             return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
         if "offloaded" in cache_implementation:
