@@ -32,6 +32,18 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _tokens_to_drop(tokens_to_remove, length) -> int:
+    """
+    `crop`'s argument as the number of tokens to drop: transformers < 5.18 passes the length to keep (a positive
+    number; a 0-d tensor in 5.17's assisted decoding), newer versions minus the number to drop. `length()`: the
+    cache's length, read only for the former.
+    """
+    tokens_to_remove = int(tokens_to_remove)
+    if tokens_to_remove > 0:
+        return max(int(length()) - tokens_to_remove, 0)
+    return -tokens_to_remove
+
+
 def num_compressed(lengths: torch.Tensor, compress_block_size: int, compress_stride: int) -> torch.Tensor:
     """Complete compression blocks of sequences of `lengths` tokens (tensor form of `num_compressed_blocks`)."""
     return torch.where(lengths >= compress_block_size,
@@ -318,10 +330,7 @@ class NSACache(Cache):
     # ------------------------------------------------------------------ batch / length edits
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `abs(tokens_to_remove)` tokens of every row (as assisted decoding rolls back)."""
-        tokens_to_remove = int(tokens_to_remove)  # transformers 5.17's assisted decoding passes a 0-d tensor
-        if tokens_to_remove > 0:  # transformers < 5.18: a positive value is the length to keep
-            tokens_to_remove = max(int(self.get_seq_length()) - tokens_to_remove, 0)
-        tokens_to_remove = abs(tokens_to_remove)
+        tokens_to_remove = _tokens_to_drop(tokens_to_remove, self.get_seq_length)
         if tokens_to_remove == 0 or self.seqlens is None:
             return
         self.seqlens = (self.seqlens - tokens_to_remove).clamp_min(0)
@@ -424,10 +433,7 @@ class NSAStaticCache(NSACache):
         return raw, compressed
 
     def crop(self, tokens_to_remove: int) -> None:
-        tokens_to_remove = int(tokens_to_remove)
-        if tokens_to_remove > 0:
-            tokens_to_remove = max(int(self._columns) - tokens_to_remove, 0)
-        tokens_to_remove = abs(tokens_to_remove)
+        tokens_to_remove = _tokens_to_drop(tokens_to_remove, lambda: self._columns)
         if tokens_to_remove == 0 or self.seqlens is None:
             return
         self.seqlens.sub_(tokens_to_remove).clamp_min_(0)
