@@ -197,7 +197,7 @@ def coldstart_cases(args, log, emit):
     from nsa_hf import NSAConfig, NSAForCausalLM
 
     compiles = []
-    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(1)
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(getattr(k.get("fn"), "name", "?"))
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = NSAForCausalLM(NSAConfig(**MODEL)).to(torch.bfloat16).eval()
@@ -214,9 +214,10 @@ def coldstart_cases(args, log, emit):
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
             emit(dict(case="coldstart_prefill", prompt_len=length, first_s=times[0], second_s=times[1],
-                             first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before))
+                             first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before,
+                             compiled_kernels=sorted(set(compiles[before:]))))
             log(f"  prefill {length:6d}: first {times[0]:.3f} s, second {times[1]:.3f} s, "
-                f"{len(compiles) - before} Triton compilations")
+                f"{len(compiles) - before} Triton compilations {sorted(set(compiles[before:]))}")
     triton.knobs.runtime.jit_post_compile_hook = None
 
 

@@ -29,7 +29,7 @@ Time per phase, estimated from FLOPs (`flops_per_token`: training 6N + attention
 counted as its keys, compressed T/32 + selected 1024 + window 512, at half the dense kernels' efficiency) at 35% MFU
 of the H200's 790 TFLOP/s bf16 (half that speed doubles every figure): corpus ~20 s (reading the sources); pretrain
 300 s, time-boxed (4k-context rows, 237 MFLOP/token, ~1.2M tokens/s: ~350M tokens, ~2700 steps of 131k tokens; the
-schedule is set from the speed of the first 10 steps); baseline: conversion twice (~1 s) and 4 evaluations, ~2 s of
+schedule is set from the speed of steps 10-30, past compilation); baseline: conversion twice (~1 s) and 4 evaluations, ~2 s of
 FLOPs each (16 x 16k held-out tokens, 4 x 32 passkeys up to 32k) plus the first NSA call's Triton compilation
 (not measured here; say 30-90 s); stage1 5.2M tokens at 16k (40 steps, 337 MFLOP/token) ~6 s; stage2 26.2M (200
 steps) ~32 s; naive 31.5M ~38 s; dense twin 31.5M (539 MFLOP/token, ~0.51M tokens/s) ~61 s. Every phase checks the
@@ -231,8 +231,8 @@ def train(model, batches: Batches, steps: int, lr: float, params, log, clock: Cl
           weight_decay: float = 0.1) -> int:
     """
     AdamW with linear warm-up and cosine decay to 10% over `steps`, on the batches `first_step, first_step + 1, ...`
-    (so that a second stage continues the first one's data). `time_box_s`: after 10 steps, cut `steps` to what fits
-    the box at their measured speed (the schedule follows). Returns the number of steps run.
+    (so that a second stage continues the first one's data). `time_box_s`: at step 30, cut `steps` to what fits the
+    box at the speed of steps 10-30 (the schedule follows). Returns the number of steps run.
     """
     device = next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
@@ -258,12 +258,16 @@ def train(model, batches: Batches, steps: int, lr: float, params, log, clock: Cl
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if time_box_s is not None and step == 10:
+        if time_box_s is not None and step in (10, 30):
+            # steps 10-30 set the pace: the first ones carry compilation and autotuning (3x the steady step)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            per_step = (time.time() - start) / 10
-            steps = max(10, min(steps, int(time_box_s / per_step)))
-            log(f"  {per_step * 1000:.0f} ms/step: {steps} steps fit the time box")
+            if step == 10:
+                paced_from = time.time()
+            else:
+                per_step = (time.time() - paced_from) / 20
+                steps = max(30, min(steps, 30 + int((time_box_s - (time.time() - start)) / per_step)))
+                log(f"  {per_step * 1000:.0f} ms/step: {steps} steps fit the time box")
         if step % 20 == 0 or step == steps:
             elapsed = time.time() - start
             extra = f", alignment {alignment.item():.4f}" if alignment is not None else ""

@@ -19,9 +19,10 @@ from .kernels import MAX_DECODE_QUERIES
 def warmup(model, max_length: int, batch_sizes=(1,), min_length: int = 1024) -> dict:
     """
     Run `model` once per tuning regime: prefill at every power of two from `min_length` to `max_length` (and
-    `max_length` itself) and one token shorter (Triton compiles lengths that are multiples of 16 apart from the
-    others), each followed by a one-token and a `MAX_DECODE_QUERIES`-token decoding step against the cache, for each
-    batch size. Returns `{(batch, length): seconds}`.
+    `max_length` itself), one token shorter and one longer (Triton compiles a variant for integer arguments that are
+    multiples of 16 and one for arguments equal to 1: lengths 16k - 1, 16k and 16k + 1 reach each), each followed by
+    a one-token and a `MAX_DECODE_QUERIES`-token decoding step against the cache, without a mask and with the
+    padding mask `generate` passes, for each batch size. Returns `{(batch, length): seconds}`.
 
     Args:
         model: an `NSAForCausalLM` / `NSAModel` in NSA attention (dense mode needs no warm-up), on its device.
@@ -36,19 +37,23 @@ def warmup(model, max_length: int, batch_sizes=(1,), min_length: int = 1024) -> 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     regimes = {min(max_length, 1 << k) for k in range(max(min_length, 1).bit_length() - 1, max_length.bit_length())}
-    lengths = sorted({n - off for n in regimes | {max_length} for off in (0, 1) if n - off >= 1})
+    lengths = sorted({n + off for n in regimes | {max_length} for off in (-1, 0, 1) if 1 <= n + off <= max_length})
     seconds = {}
     was_training = model.training
     model.eval()
     try:
         for batch in batch_sizes:
             for length in lengths:
-                ids = torch.randint(1, vocab, (batch, length + 1 + MAX_DECODE_QUERIES), device=device)
+                ids = torch.randint(1, vocab, (batch, length + 2 * (1 + MAX_DECODE_QUERIES)), device=device)
                 start = time.perf_counter()
                 out = model(ids[:, :length], use_cache=True, logits_to_keep=1)
                 cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
-                model(ids[:, length : length + 1], past_key_values=cache, logits_to_keep=1)
-                model(ids[:, length + 1 :], past_key_values=cache, logits_to_keep=1)
+                # decoding steps as a plain loop makes them (no mask), then as generate does (the padding mask)
+                done = length
+                for num_new, masked in ((1, False), (MAX_DECODE_QUERIES, False), (1, True), (MAX_DECODE_QUERIES, True)):
+                    mask = torch.ones(batch, done + num_new, dtype=torch.long, device=device) if masked else None
+                    model(ids[:, done : done + num_new], attention_mask=mask, past_key_values=cache, logits_to_keep=1)
+                    done += num_new
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[(batch, length)] = time.perf_counter() - start

@@ -177,8 +177,17 @@ def test_custom_op_registration_passes_opcheck(shared_kv, packed):
 
 
 def _assert_close_bf16(compiled, eager):
-    """The tolerances of tests/test_modeling.py's Triton-vs-reference GPU test."""
-    assert (compiled[1].float() - eager[1].float()).abs().max() < 0.05 * eager[1].float().abs().max()
+    """
+    Logits per token: inductor fuses the gates / compression projections and rounds them to bf16 differently from
+    eager, which flips a near-tied top-n block choice for a few (token, head) pairs and moves those tokens' logits by
+    more than rounding (on an H200, 1.1% of the tokens of these shapes); every other token agrees to rounding (a
+    wrong kernel or graph moves most of them, and the median with them). Gradients:
+    relative norm error, as tests/test_modeling.py's Triton-vs-reference GPU test.
+    """
+    scale = eager[1].float().abs().max()
+    err = (compiled[1].float() - eager[1].float()).abs().amax(-1)  # [batch, tokens]
+    off = (err >= 0.05 * scale).float().mean().item()
+    assert off < 0.03 and err.median() < 0.01 * scale, (off, err.max().item(), err.median().item(), scale.item())
     for name, grad in eager[2].items():
         if name.endswith("compress_key.down_proj.bias"):  # its true gradient is 0 (softmax cancels it): noise
             assert compiled[2][name].norm() < 5e-2 * compiled[2][name.replace(".bias", ".weight")].norm(), name

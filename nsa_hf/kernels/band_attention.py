@@ -69,6 +69,11 @@ NO_WINDOW = 1 << 30  # the window of a causal band
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
+# divisibility by 16), so that a prompt of a new length compiles nothing.
+_BAND_FWD_VARYING = ["Tq", "Tk", "NK", "num_docs", "tiles_per_doc", "stride_lb"]
+
+
 @triton.jit
 def _locate(pid, TILE_DOC, TILE_CUM, CU_Q, CU_K, CU_N, num_docs, tiles_per_doc, Tq, Tk, NK, VARLEN: tl.constexpr):
     """Map a program id to (batch, tile within doc, q offset, q len, k len, key offset, key count, surplus program)."""
@@ -229,7 +234,7 @@ def _fwd_step(
     return acc1, acc2, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BAND_FWD_VARYING)
 def _band_fwd_kernel(
     Q, K, V, O, LSE,
     TILE_DOC, TILE_CUM, CU_Q, CU_K, CU_N,

@@ -21,7 +21,12 @@ from .selection import select_blocks_fwd
 from .window import window_attention_bwd, window_attention_fwd
 
 
-@triton.jit
+# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
+# divisibility by 16), so that a prompt of a new length compiles nothing.
+_ROWS_VARYING = ["R"]
+
+
+@triton.jit(do_not_specialize=_ROWS_VARYING)
 def _gate_combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, R, DV: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BD)
@@ -37,7 +42,7 @@ def _gate_combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, R, DV: tl.constexp
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS_VARYING)
 def _gate_combine_bwd_kernel(
     do, o_cmp, o_slc, o_win, gates, do_cmp, do_slc, do_win, dgates, deltas, R,
     DV: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,

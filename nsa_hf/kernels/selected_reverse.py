@@ -29,7 +29,13 @@ from .selected_tiles import PRUNE, block_keys, doc_bounds, key_tile, load_keys, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
+# divisibility by 16), so that a prompt of a new length compiles nothing.
+_BUCKET_VARYING = ["TQ", "TK", "NSB", "NBUCKETS", "SEG"]
+_DELTA_VARYING = ["T"]
+
+
+@triton.jit(do_not_specialize=_DELTA_VARYING)
 def _delta_kernel(
     O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T, H,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -75,7 +81,7 @@ def _segment(BUCKET_OFF, bucket, seg, SEG):
 
 @triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=PRUNE,
                  reset_to_zero=["OACC"], cache_results=True)
-@triton.jit
+@triton.jit(do_not_specialize=_BUCKET_VARYING)
 def _fwd_by_block_kernel(
     Q, K, V, LSE_E, LSE, OACC, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -152,7 +158,7 @@ def _fwd_by_block_kernel(
     configs=SELECTED_DKDV_CONFIGS, key=["G", "L", "DK", "DV", "BN", "FUSE_DQ"], reset_to_zero=["DKA", "DVA", "DQA"],
     prune_configs_by=PRUNE, cache_results=True,
 )
-@triton.jit
+@triton.jit(do_not_specialize=_BUCKET_VARYING)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DKA, DVA, DQA, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,

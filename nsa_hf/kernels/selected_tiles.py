@@ -26,6 +26,11 @@ from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
+# divisibility by 16), so that a prompt of a new length compiles nothing.
+_TILE_VARYING = ["TQ", "TK", "TILES_PER_DOC", "MAXU"]
+
+
 @triton.jit
 def load_rows(X, row, head, stride_t, stride_h, cols, ok, D: tl.constexpr):
     """`[rows, cols]` of X at (row, head) per row; rows with `ok` false and columns from D on read 0."""
@@ -130,7 +135,7 @@ def _tile_block(e, UB, UM, ubase, bit, IDX_ROW, t0, L: tl.constexpr, N: tl.const
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_VARYING)
 def _union_kernel(
     IDX, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC,
     stride_it, stride_ih, TQ, TK, TILES_PER_DOC, MAXU,
@@ -195,7 +200,7 @@ PRUNE = {"early_config_prune": prune}
     configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT", "DECODE"], prune_configs_by=PRUNE,
     cache_results=True,
 )
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_VARYING)
 def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_it, stride_ih,
@@ -267,7 +272,7 @@ def _fwd_kernel(
     configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE,
     cache_results=True,
 )
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_VARYING)
 def _dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,

@@ -82,6 +82,13 @@ def _bit_set(mask, b):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
+# divisibility by 16), so that a prompt of a new length compiles nothing.
+_SELECT_VARYING = [
+    "stride_lb", "stride_ob", "q_len", "k_len", "nc_len", "num_bh", "max_q", "num_splits", "split_chunks",
+]
+
+
 @triton.jit
 def _chunk_scores(
     q1, q2, lse2, t_row, k_base, stride_kt, ci, nc_doc, scale_log2, carry,
@@ -191,7 +198,7 @@ def _merge_chunk(run, score, ci, t_q, q_ok,
     return tl.bitonic_merge(tl.maximum(run, top_asc), 1, descending=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SELECT_VARYING)
 def _select_kernel(
     Q, KC, LSE, OUT, WS, CU_Q, CU_K, CU_C,
     stride_qb, stride_qt, stride_qh,

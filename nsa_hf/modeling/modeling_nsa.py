@@ -701,7 +701,10 @@ class NSAForCausalLM(NSAPreTrainedModel, GenerationMixin):
 
             return create_masks_for_generate(**kwargs)
         mask = kwargs.get("attention_mask")
-        return mask[:, -kwargs["inputs_embeds"].shape[1] :] if mask is not None else None
+        if mask is None:
+            return None
+        # a copy, not a view: the view's row stride grows every step, and compiled steps would recompile for it
+        return mask[:, -kwargs["inputs_embeds"].shape[1] :].clone(memory_format=torch.contiguous_format)
 
 
 __all__ = [
