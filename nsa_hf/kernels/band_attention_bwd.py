@@ -33,12 +33,6 @@ from .band_attention import (
 )
 
 
-# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
-# divisibility by 16), so that a prompt of a new length compiles nothing.
-_BAND_DQ_VARYING = ["Tq", "Tk", "NK", "num_docs", "tiles_per_doc", "stride_lb"]
-_BAND_DKDV_VARYING = ["Tq", "Tk", "NK", "num_docs", "tiles_per_doc_s", "tiles_per_doc_l", "q_chunk", "stride_lb"]
-
-
 @triton.jit
 def _dq_step(
     dq1, dq2, q1, q2, do1, do2, lse2, delta, k_base, v_base, start_n, pos, n_keys, window, key_stride, key_end,
@@ -63,7 +57,7 @@ def _dq_step(
     return dq1, dq2
 
 
-@triton.jit(do_not_specialize=_BAND_DQ_VARYING)
+@triton.jit
 def _band_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
     TILE_DOC, TILE_CUM, CU_Q, CU_K, CU_N,
@@ -215,7 +209,7 @@ def _dkdv_step(
     return dk1, dk2, dv1, dv2
 
 
-@triton.jit(do_not_specialize=_BAND_DKDV_VARYING)
+@triton.jit
 def _band_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT,
     TILE_DOC_S, TILE_CUM_S, TILE_DOC_L, TILE_CUM_L, CU_Q, CU_K, CU_N,

@@ -21,8 +21,9 @@ from .selection import select_blocks_fwd
 from .window import window_attention_bwd, window_attention_fwd
 
 
-# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
-# divisibility by 16), so that a prompt of a new length compiles nothing.
+# Integer arguments that change with the prompt length: never specialised (on == 1 or on divisibility by 16), so that
+# a prefill of a new length compiles nothing. The backward kernels keep it: training runs few lengths (packed rows),
+# and with every kernel unspecialised the 8k training step measured 4.5% slower on an H200 (notes/PERF.md).
 _ROWS_VARYING = ["R"]
 
 
@@ -42,7 +43,7 @@ def _gate_combine_fwd_kernel(o_cmp, o_slc, o_win, gates, out, R, DV: tl.constexp
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=_ROWS_VARYING)
+@triton.jit
 def _gate_combine_bwd_kernel(
     do, o_cmp, o_slc, o_win, gates, do_cmp, do_slc, do_win, dgates, deltas, R,
     DV: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,

@@ -29,13 +29,13 @@ from .selected_tiles import PRUNE, block_keys, doc_bounds, key_tile, load_keys, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
-# divisibility by 16), so that a prompt of a new length compiles nothing.
+# Integer arguments that change with the prompt length: never specialised (on == 1 or on divisibility by 16), so that
+# a prefill of a new length compiles nothing. The backward kernels keep it: training runs few lengths (packed rows),
+# and with every kernel unspecialised the 8k training step measured 4.5% slower on an H200 (notes/PERF.md).
 _BUCKET_VARYING = ["TQ", "TK", "NSB", "NBUCKETS", "SEG"]
-_DELTA_VARYING = ["T"]
 
 
-@triton.jit(do_not_specialize=_DELTA_VARYING)
+@triton.jit
 def _delta_kernel(
     O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T, H,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -158,7 +158,7 @@ def _fwd_by_block_kernel(
     configs=SELECTED_DKDV_CONFIGS, key=["G", "L", "DK", "DV", "BN", "FUSE_DQ"], reset_to_zero=["DKA", "DVA", "DQA"],
     prune_configs_by=PRUNE, cache_results=True,
 )
-@triton.jit(do_not_specialize=_BUCKET_VARYING)
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DKA, DVA, DQA, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,

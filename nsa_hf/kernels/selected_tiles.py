@@ -26,8 +26,9 @@ from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# Integer arguments that change with the sequence length or the packing: never specialised (on == 1 or on
-# divisibility by 16), so that a prompt of a new length compiles nothing.
+# Integer arguments that change with the prompt length: never specialised (on == 1 or on divisibility by 16), so that
+# a prefill of a new length compiles nothing. The backward kernels keep it: training runs few lengths (packed rows),
+# and with every kernel unspecialised the 8k training step measured 4.5% slower on an H200 (notes/PERF.md).
 _TILE_VARYING = ["TQ", "TK", "TILES_PER_DOC", "MAXU"]
 
 
@@ -272,7 +273,7 @@ def _fwd_kernel(
     configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE,
     cache_results=True,
 )
-@triton.jit(do_not_specialize=_TILE_VARYING)
+@triton.jit
 def _dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_DOC, TILE_ROW0, UB, UM, UC, IDX,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
