@@ -213,11 +213,12 @@ def coldstart_cases(args, log, emit):
                 model(ids, logits_to_keep=1, use_cache=False)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
+            kernels = sorted(set(compiles[before:]))
             emit(dict(case="coldstart_prefill", prompt_len=length, first_s=times[0], second_s=times[1],
                              first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before,
-                             compiled_kernels=sorted(set(compiles[before:]))))
+                             compiled_kernels=kernels))
             log(f"  prefill {length:6d}: first {times[0]:.3f} s, second {times[1]:.3f} s, "
-                f"{len(compiles) - before} Triton compilations {sorted(set(compiles[before:]))}")
+                f"{len(compiles) - before} Triton compilations {kernels}")
     triton.knobs.runtime.jit_post_compile_hook = None
 
 

@@ -19,10 +19,11 @@ from .kernels import MAX_DECODE_QUERIES
 def warmup(model, max_length: int, batch_sizes=(1,), min_length: int = 1024) -> dict:
     """
     Run `model` once per tuning regime: prefill at every power of two from `min_length` to `max_length` (and
-    `max_length` itself), one token shorter and one longer (Triton compiles a variant for integer arguments that are
-    multiples of 16 and one for arguments equal to 1: lengths 16k - 1, 16k and 16k + 1 reach each), each followed by
-    a one-token and a `MAX_DECODE_QUERIES`-token decoding step against the cache, without a mask and with the
-    padding mask `generate` passes, for each batch size. Returns `{(batch, length): seconds}`.
+    `max_length` itself), one token shorter and one longer (for Triton kernels that specialise integer arguments on
+    == 1 and on divisibility by 16; the forward and decode kernels no longer do, and whether one length per regime
+    now suffices is not yet measured on a GPU), each followed by a one-token and a `MAX_DECODE_QUERIES`-token
+    decoding step against the cache, without a mask and with the padding mask `generate` passes, for each batch
+    size. Returns `{(batch, length): seconds}`.
 
     Args:
         model: an `NSAForCausalLM` / `NSAModel` in NSA attention (dense mode needs no warm-up), on its device.

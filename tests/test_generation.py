@@ -3,6 +3,8 @@ NSACache and generation on CPU (reference backend), fp32: incremental decoding a
 forward, padded rows equal the rows alone, generate (greedy, sampling, beams, left-padded batches) works.
 """
 
+import contextlib
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -389,9 +391,6 @@ def test_dense_mode_generates_like_llama():
     assert torch.equal(nsa.generate(ids, **kwargs), llama.generate(ids, **kwargs))
 
 
-# ----------------------------------------------------------------------------------------------- GPU
-
-
 def test_static_cache_generate_compiles_one_decoding_graph_for_every_step():
     # generate's own compilation of the static-cache step (as on a GPU), with the eager backend so that it runs here;
     # a step input whose strides grow with the length (a view of the padding mask) would recompile at every step
@@ -408,6 +407,9 @@ def test_static_cache_generate_compiles_one_decoding_graph_for_every_step():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert torch.equal(compiled, model.generate(ids, **kwargs))
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
@@ -475,49 +477,41 @@ def test_gpu_static_cache_generate_compiles_and_matches_the_dynamic_cache():
     assert (static.sequences[:, :1108] == dynamic.sequences[:, :1108]).float().mean() > 0.99
 
 
-@pytest.mark.gpu
-def test_gpu_after_warmup_a_new_prompt_length_compiles_no_kernel():
+@contextlib.contextmanager
+def _triton_compilations():
+    """The names of the Triton kernels compiled inside the block (Triton's post-compile hook)."""
     import triton
 
+    compiled = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(getattr(k.get("fn"), "name", "?"))
+    try:
+        yield compiled
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
+
+
+@pytest.mark.gpu
+def test_gpu_after_warmup_a_new_prompt_length_compiles_no_kernel():
     import nsa_hf
 
     model = _gpu_model()
-    compiled = []
-
-    def record(*args, **kwargs):
-        fn = kwargs.get("fn")
-        compiled.append(getattr(fn, "name", str(fn)))
-
     with torch.no_grad():
         nsa_hf.warmup(model, max_length=8192)
-        triton.knobs.runtime.jit_post_compile_hook = record
-        try:
+        with _triton_compilations() as compiled:
             for length in (4097, 2345, 6001):
                 model.generate(torch.randint(1, 1024, (1, length), device="cuda"), max_new_tokens=20,
                                do_sample=False)
-        finally:
-            triton.knobs.runtime.jit_post_compile_hook = None
     assert compiled == []
 
 
 @pytest.mark.gpu
 def test_gpu_a_new_prompt_length_compiles_no_kernel_without_warmup():
-    # the kernels never specialise on the integers that follow the length (== 1, divisible by 16), so a prompt of a
-    # length not seen before runs the kernels the first one compiled
-    import triton
-
+    # the forward kernels never specialise on the integers that follow the length (== 1, divisible by 16), so a
+    # prompt of a length not seen before runs the kernels the first one compiled
     model = _gpu_model()
-    compiled = []
-
-    def record(*args, **kwargs):
-        compiled.append(getattr(kwargs.get("fn"), "name", "?"))
-
     with torch.no_grad():
         model(torch.randint(1, 1024, (1, 4096), device="cuda"), use_cache=False)
-        triton.knobs.runtime.jit_post_compile_hook = record
-        try:
+        with _triton_compilations() as compiled:
             for length in (4097, 4111, 4999, 6001):
                 model(torch.randint(1, 1024, (1, length), device="cuda"), use_cache=False)
-        finally:
-            triton.knobs.runtime.jit_post_compile_hook = None
     assert compiled == []

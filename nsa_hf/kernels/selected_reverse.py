@@ -29,9 +29,7 @@ from .selected_tiles import PRUNE, block_keys, doc_bounds, key_tile, load_keys, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# Integer arguments that change with the prompt length: never specialised (on == 1 or on divisibility by 16), so that
-# a prefill of a new length compiles nothing. The backward kernels keep it: training runs few lengths (packed rows),
-# and with every kernel unspecialised the 8k training step measured 4.5% slower on an H200 (notes/PERF.md).
+# Integer arguments that change with the prompt length: never specialised (why: band_attention._BAND_FWD_VARYING).
 _BUCKET_VARYING = ["TQ", "TK", "NSB", "NBUCKETS", "SEG"]
 
 

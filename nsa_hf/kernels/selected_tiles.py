@@ -26,9 +26,7 @@ from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# Integer arguments that change with the prompt length: never specialised (on == 1 or on divisibility by 16), so that
-# a prefill of a new length compiles nothing. The backward kernels keep it: training runs few lengths (packed rows),
-# and with every kernel unspecialised the 8k training step measured 4.5% slower on an H200 (notes/PERF.md).
+# Integer arguments that change with the prompt length: never specialised (why: band_attention._BAND_FWD_VARYING).
 _TILE_VARYING = ["TQ", "TK", "TILES_PER_DOC", "MAXU"]
 
 

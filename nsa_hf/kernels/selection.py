@@ -82,9 +82,7 @@ def _bit_set(mask, b):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Integer arguments that change with the prompt length: never specialised (on == 1 or on divisibility by 16), so that
-# a prefill of a new length compiles nothing. The backward kernels keep it: training runs few lengths (packed rows),
-# and with every kernel unspecialised the 8k training step measured 4.5% slower on an H200 (notes/PERF.md).
+# Integer arguments that change with the prompt length: never specialised (why: band_attention._BAND_FWD_VARYING).
 _SELECT_VARYING = [
     "stride_lb", "stride_ob", "q_len", "k_len", "nc_len", "num_bh", "max_q", "num_splits", "split_chunks",
 ]
