@@ -87,10 +87,26 @@ def time_steps(model, ids, steps: int, warmup: int, compile_backend: str | None)
     return dict(tokens_per_s=ids.numel() * steps / elapsed, step_s=elapsed / steps, first_step_s=first, peak_gb=peak)
 
 
+def profile_step(model, ids, seqlen: int, out_dir: str, rows: int = 40) -> None:
+    """One eager forward + backward of `model` under torch.profiler: the ops by device time, to out_dir."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with profile(activities=activities) as prof:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        _sync(ids.device)
+    model.zero_grad(set_to_none=True)
+    sort = "self_cuda_time_total" if ids.is_cuda else "self_cpu_time_total"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_model_{seqlen}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+
+
 def run_case(models, seqlen: int, args, device) -> dict:
     row = dict(seqlen=seqlen, batch=1)
     ids = torch.randint(1, models["nsa"].config.vocab_size, (1, seqlen), device=device)
-    variants = [("", None)] + ([("compiled_", args.compile_backend)] if args.compile else [])
+    compiled = args.compile and (not args.compile_seqlens or seqlen in args.compile_seqlens)
+    variants = [("", None)] + ([("compiled_", args.compile_backend)] if compiled else [])
     for prefix, backend in variants:
         for name, model in models.items():
             key = f"{name}_{prefix}"
@@ -108,7 +124,9 @@ def run_case(models, seqlen: int, args, device) -> dict:
         if f"nsa_{prefix}tokens_per_s" in row and f"dense_{prefix}tokens_per_s" in row:
             row[f"speedup{'_' + prefix[:-1] if prefix else ''}"] = (
                 row[f"nsa_{prefix}tokens_per_s"] / row[f"dense_{prefix}tokens_per_s"])
-    if args.compile:
+    if args.profile:
+        profile_step(models["nsa"], ids, seqlen, args.profile)
+    if compiled:
         for name in models:
             if f"{name}_compiled_tokens_per_s" in row and f"{name}_tokens_per_s" in row:
                 row[f"{name}_compile_gain"] = row[f"{name}_compiled_tokens_per_s"] / row[f"{name}_tokens_per_s"]
@@ -135,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing, the first included (default: 2)")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--compile-seqlens", nargs="+", type=int, default=None,
+                        help="the lengths --compile times (default: all of --seqlens)")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="also profile one NSA step per length (torch.profiler): DIR/profile_model_<seqlen>.txt")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the 1.1B one (CPU works)")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/model_training_<gpu>.json)")

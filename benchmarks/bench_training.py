@@ -32,6 +32,7 @@ FLA = dict(compress_block_size=64, compress_stride=64, select_block_size=64, num
 LAYOUTS = {
     "paper": (64, 4, 128, PAPER),  # the paper's head layout and NSA settings
     "llama3-8b": (32, 8, 128, PAPER),  # Llama-3-8B's head layout, paper NSA settings
+    "llama-d64": (32, 8, 64, PAPER),  # the same heads at head dim 64: the 1.1B model of bench_model_training.py
     "fla-settings": (64, 4, 128, FLA),  # flash-linear-attention's own settings (mean pooling, l=d=l'=64)
 }
 

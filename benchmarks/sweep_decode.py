@@ -1,6 +1,6 @@
 """
-Launch geometry of the decode kernels: programs per multiprocessor x pipelining stages, timed under CUDA graphs,
-plus a per-kernel profile of the default. One run:  python benchmarks/sweep_decode.py
+Launch geometry of the decode kernels: programs per multiprocessor and loop pipelining stages, timed under CUDA
+graphs, plus a per-kernel profile of the old and the current default. One run:  python benchmarks/sweep_decode.py
 """
 
 import os
@@ -27,28 +27,38 @@ def inputs(HQ, HKV, D, T, B, layers):
     return lambda: [nsa_decode(q, *c, g, pos, **PAPER) for c in caches]
 
 
+# (programs per SM of the compressed pass, its loop's stages, the sparse units' loop's stages)
+SETTINGS = [(4, 1, 1), (8, 3, 1), (8, 3, 2), (8, 3, 3), (4, 3, 1), (16, 3, 1)]
+
+
+def profile(fn, layers):
+    """Device microseconds per step of each kernel of `fn` (5 steps under torch.profiler)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:40]: e.device_time_total / (5 * layers) for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def main():
     T = int(os.environ.get("T", 65536))
+    default = (decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES)
     for layout, batch in [("paper", 1), ("paper", 16), ("llama3-8b", 1), ("llama3-8b", 16)]:
         HQ, HKV, D = LAYOUTS[layout]
         layers = 8 if batch == 1 else 2
         fn = inputs(HQ, HKV, D, T, batch, layers)
         line = []
-        for ppsm in (2, 4, 8, 16):
-            for stages in (1, 3):
-                decode._PROGRAMS_PER_SM, decode._NUM_STAGES = ppsm, stages
-                line.append(f"{ppsm}/{stages}: {graph_ms(fn) / layers * 1000:6.1f}")
-        print(f"{layout:10s} B={batch:2d} T={T} us per step (programs per SM / stages):  " + "  ".join(line),
-              flush=True)
-        decode._PROGRAMS_PER_SM, decode._NUM_STAGES = 2, 1
-        fn()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-        for e in prof.key_averages():
-            if e.device_time_total > 0:
-                print(f"    {e.key[:40]:40s} {e.device_time_total / (5 * layers):8.1f} us per step")
+        for setting in SETTINGS:
+            decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES = setting
+            line.append(f"{'/'.join(map(str, setting))}: {graph_ms(fn) / layers * 1000:6.1f}")
+        print(f"{layout:10s} B={batch:2d} T={T} us per step (cmp programs per SM / cmp stages / sparse stages):  "
+              + "  ".join(line), flush=True)
+        for setting in (SETTINGS[0], default):
+            decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES = setting
+            kernels = "  ".join(f"{name} {us:.1f}" for name, us in profile(fn, layers).items())
+            print(f"    {'/'.join(map(str, setting))} per kernel (us per step): {kernels}", flush=True)
+        decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES = default
 
 
 if __name__ == "__main__":

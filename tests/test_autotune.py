@@ -1,6 +1,7 @@
 """
 Which kernel configurations the autotuner times (host-side pruning, no GPU needed): training shapes get the full
-candidate list, decoding shapes a single configuration so the first generate() call is not stalled by timing runs;
+candidate list, decoding shapes a single configuration so the first generate() call is not stalled by timing runs,
+block selection its measured prefill tile (no timing at a new prompt length);
 the switches that change that, read once from the environment or set through the testing hook.
 """
 
@@ -32,12 +33,24 @@ def test_band_kernels_time_every_candidate_for_training_tiles_only():
     assert len(decoding) == 1 and decoding[0] in BAND_CANDIDATES
 
 
-def test_selection_times_every_candidate_for_training_lengths_only():
+def test_selection_prefill_takes_the_measured_tile_untimed_at_every_length():
     const = dict(G_PAD=16, N_PAD=16, R_PAD=4, D1=128, D2=0)
-    training = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 65536}, **const)
+    rows, bs, warps, stages = _tiling.TUNING[(9, 0)].selection_prefill_tile
+    for t_bucket in (64, 1024, 65536):
+        (tile,) = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": t_bucket}, **const)
+        assert (tile.kwargs["ROWS"], tile.kwargs["BS"] * 4, tile.num_warps, tile.num_stages) == (rows, bs, warps, stages)
     decoding = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 16}, **const)
+    assert len(decoding) == 1
+    with override(config_index=2):  # benchmarks and tests still reach every candidate
+        (third,) = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 65536}, **const)
+    assert third.kwargs["ROWS"] != tile.kwargs["ROWS"] or third.kwargs["BS"] != tile.kwargs["BS"]
+
+
+def test_selection_times_the_candidates_where_the_measured_tile_does_not_fit():
+    const = dict(G_PAD=16, N_PAD=16, R_PAD=4, D1=128, D2=128)  # DK 256: the 128-row tile's q exceeds its registers
+    training = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 65536}, **const)
     assert len(training) > 1
-    assert len(decoding) == 1 and decoding[0].kwargs == training[0].kwargs
+    assert not any(c.kwargs["ROWS"] == 128 and c.num_warps == 4 for c in training)
 
 
 def test_selected_forward_decoding_is_not_timed():

@@ -228,6 +228,10 @@ class Tuning:
     selected_by_block_groups: frozenset
     # rows (positions x heads) per selected dK/dV program on one KV block's reverse list
     selected_segment_rows: int
+    # block selection's prefill tile (ROWS, BS, warps, stages as in SELECTION_CONFIGS), taken untimed wherever it
+    # fits: it was the fastest at every length from 16k on and within noise below, so timing the candidates at
+    # each new prompt length (~1 s) bought nothing; None times the candidates
+    selection_prefill_tile: tuple | None
 
 
 _SM90 = Tuning(
@@ -241,6 +245,9 @@ _SM90 = Tuning(
     selected_tiled_dq_groups=16,
     selected_by_block_groups=frozenset(),
     selected_segment_rows=4096,
+    # H200: 6.4 ms against 8.0-11.3 for the other candidates at 64k (64q/4kv), 4.5 / 3.3 ms against >= 5.1 / 4.5
+    # (32q/8kv D=128 / D=64); 0.08-0.25 ms for all at 1k-4k (benchmarks/results/logs/selection_configs_h200.log)
+    selection_prefill_tile=(128, 64, 4, 2),
 )
 
 # capability -> rules; a GPU without its own entry takes the nearest lower one (else the lowest): only sm_90

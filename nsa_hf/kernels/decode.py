@@ -100,7 +100,7 @@ def _cmp_kernel(
     Q_LEN: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     CMP_LEN: tl.constexpr, STRIDE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    BN: tl.constexpr, NJ: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, NJ: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     split = tl.program_id(0)
     bt = tl.program_id(1)
@@ -126,7 +126,7 @@ def _cmp_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BV], tl.float32)
     first = split * chunks_per_split
-    for c in range(0, tl.minimum(chunks_per_split, tl.cdiv(n_vis, BN) - first)):
+    for c in tl.range(0, tl.minimum(chunks_per_split, tl.cdiv(n_vis, BN) - first), num_stages=STAGES):
         chunk = first + c
         cols = chunk * BN + tl.arange(0, BN)
         vis = cols < n_vis
@@ -252,7 +252,7 @@ def _sparse_kernel(
     DK: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     SEL_LEN: tl.constexpr, N: tl.constexpr, WINDOW: tl.constexpr, NUM_WIN: tl.constexpr,
     PER_UNIT: tl.constexpr, SEL_UNITS: tl.constexpr, NUM_UNITS: tl.constexpr, BN: tl.constexpr,
-    NP: tl.constexpr, CP: tl.constexpr, PREC: tl.constexpr,
+    NP: tl.constexpr, CP: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Unit u < SEL_UNITS: selected slots [u*PER_UNIT, ...) (blocks of SEL_LEN keys); else window chunks of BN keys."""
     unit = tl.program_id(0)
@@ -291,7 +291,7 @@ def _sparse_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BV], tl.float32)
-    for e in range(0, tl.where(t >= 0, count, 0) * tl.where(is_sel, SUB, 1)):
+    for e in tl.range(0, tl.where(t >= 0, count, 0) * tl.where(is_sel, SUB, 1), num_stages=STAGES):
         if is_sel:
             blk = tl.sum(tl.where(slots == first + e // SUB, blocks, 0))
             lo = blk * SEL_LEN + (e % SUB) * BN
@@ -362,13 +362,17 @@ def _combine_kernel(
     tl.store(OUT + b * stride_ob + i * stride_ot + head * stride_oh + dv, out.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
-_PROGRAMS_PER_SM = 4  # launch geometry and pipelining of the decode kernels (benchmarks/sweep_decode.py)
-_NUM_STAGES = 1
+# Launch geometry and software pipelining of the decode kernels (benchmarks/sweep_decode.py): programs per
+# multiprocessor, and the stages of the compressed pass's and the sparse units' loops.
+_PROGRAMS_PER_SM = 4
+_CMP_PROGRAMS_PER_SM = 8
+_CMP_STAGES = 3
+_SPARSE_STAGES = 1
 
 
-def _grid_plan(num_rows: int, num_items: int, sms: int) -> tuple[int, int]:
-    """(programs per row, items per program) that give about `_PROGRAMS_PER_SM` programs per multiprocessor."""
-    per_row = max(1, min(num_items, -(-_PROGRAMS_PER_SM * sms // max(num_rows, 1))))
+def _grid_plan(num_rows: int, num_items: int, sms: int, per_sm: int = 0) -> tuple[int, int]:
+    """(programs per row, items per program) that give about `per_sm` (`_PROGRAMS_PER_SM`) programs per SM."""
+    per_row = max(1, min(num_items, -(-(per_sm or _PROGRAMS_PER_SM) * sms // max(num_rows, 1))))
     per_program = -(-num_items // per_row)
     return -(-num_items // per_program), per_program
 
@@ -402,7 +406,7 @@ def nsa_decode_triton(
 
     rows = B * Tq * HQ
     num_chunks = max(triton.cdiv(k_cmp.shape[1], BN), triton.cdiv(triton.cdiv(cap, lp) * R, BN), 1)
-    num_splits, chunks_per_split = _grid_plan(B * Tq * HKV, num_chunks, sms)
+    num_splits, chunks_per_split = _grid_plan(B * Tq * HKV, num_chunks, sms, _CMP_PROGRAMS_PER_SM)
     BK = 64 if lp % 64 == 0 or lp > 64 else max(16, next_pow2(lp))  # key tile of the selected / window units
     num_win = triton.cdiv(w, BK)
     units_per_row, per_unit = _grid_plan(B * Tq * HKV, n + num_win, sms)
@@ -421,7 +425,7 @@ def nsa_decode_triton(
     idx = torch.empty(B, Tq, HKV, n, dtype=torch.int32, device=device)
     out = torch.empty(B, Tq, HQ, DV, dtype=q.dtype, device=device)
     qpos = query_positions.to(torch.int32).contiguous()
-    common = dict(HKV=HKV, G=G, GP=GP, num_warps=4, num_stages=_NUM_STAGES)
+    common = dict(HKV=HKV, G=G, GP=GP, num_warps=4, num_stages=1)
 
     _cmp_kernel[(num_splits, B * Tq, HKV)](
         q, k_cmp, v_cmp, qpos, m_split, l_split, acc_split, m_chunk, own, spill,
@@ -429,7 +433,7 @@ def nsa_decode_triton(
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2),
         num_chunks, chunks_per_split, num_splits, scale * LOG2E,
         Q_LEN=Tq, DK=DK, BK1=BK1, BK2=BK2, DV=DV, BV=BV, CMP_LEN=l, STRIDE=d, R=R, C=C, BN=BN, NJ=NJ, PREC=prec,
-        **common,
+        STAGES=_CMP_STAGES, **common,
     )
     _select_kernel[(sel_programs, B * Tq, HKV)](
         qpos, m_split, l_split, m_chunk, own, spill, cand, num_chunks, num_splits, sel_chunks_per_program,
@@ -443,7 +447,7 @@ def nsa_decode_triton(
         v_win.stride(0), v_win.stride(1), v_win.stride(2), scale * LOG2E, sel_programs,
         Q_LEN=Tq, DK=DK, BK1=BK1, BK2=BK2, DV=DV, BV=BV, SEL_LEN=lp, N=n, WINDOW=w, NUM_WIN=num_win,
         PER_UNIT=per_unit, SEL_UNITS=sel_units, NUM_UNITS=num_units, BN=BK, NP=NP,
-        CP=max(1, next_pow2(sel_programs)), PREC=prec, **common,
+        CP=max(1, next_pow2(sel_programs)), PREC=prec, STAGES=_SPARSE_STAGES, **common,
     )
     _combine_kernel[(rows,)](
         qpos, gates, m_split, l_split, acc_split, m_unit, l_unit, acc_unit, out,

@@ -371,7 +371,7 @@ def _prune_configs(configs, named_args, **kwargs):
     min_bs = max(16, n_pad)
     q = named_args.get("Q")
     rules = tuning(device_limits(q.device if isinstance(q, torch.Tensor) else None))
-    kept, seen = [], set()
+    made, preferred = {}, None
     for cfg in configs:
         rows = min(max(cfg.kwargs["ROWS"], g_pad, 16), 128 * g_pad)  # at most 128 positions per tile
         bs = max(min_bs, cfg.kwargs["BS"] // r_pad)  # the candidate's "BS" is its number of compression blocks
@@ -379,16 +379,20 @@ def _prune_configs(configs, named_args, **kwargs):
         if rows * bs * r_pad > threads * rules.selection_p_regs or rows * dk_pad > threads * rules.selection_q_regs:
             continue
         key = (rows, bs, cfg.num_warps, cfg.num_stages)
-        if key not in seen:
-            seen.add(key)
-            kept.append(triton.Config({"ROWS": rows, "BS": bs, "HEAD_MASK": _head_mask(rows, cfg.num_warps, g_pad)},
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        if key not in made:
+            made[key] = triton.Config({"ROWS": rows, "BS": bs, "HEAD_MASK": _head_mask(rows, cfg.num_warps, g_pad)},
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if (cfg.kwargs["ROWS"], cfg.kwargs["BS"], cfg.num_warps, cfg.num_stages) == rules.selection_prefill_tile:
+            preferred = made[key]
+    kept = list(made.values())
     if not kept:  # very wide chunks (large l'/d or n): the smallest legal tile
         rows = max(g_pad, 16)
         kept = [triton.Config({"ROWS": rows, "BS": min_bs, "HEAD_MASK": _head_mask(rows, 8, g_pad)}, num_warps=8,
                               num_stages=2)]
     if {**named_args, **kwargs}.get("T_BUCKET", DECODE_ROWS) < DECODE_ROWS:  # decoding: see DECODE_ROWS
         kept = kept[:1]
+    elif preferred is not None and SWITCHES.config_index is None:  # prefill: the measured tile, untimed
+        kept = [preferred]
     return choose_configs(kept, kept)
 
 
