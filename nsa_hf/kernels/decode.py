@@ -363,10 +363,12 @@ def _combine_kernel(
 
 
 # Launch geometry and software pipelining of the decode kernels (benchmarks/sweep_decode.py): programs per
-# multiprocessor, and the stages of the compressed pass's and the sparse units' loops.
+# multiprocessor, and the stages of the compressed pass's and the sparse units' loops. The defaults are the
+# GPU-tested ones; a copy of the compressed pass ran 57 -> 41 us (64q/4kv, B=16, 64k) at 8 programs per SM and 3
+# stages (notes/PERF.md), not yet measured or GPU-tested in place.
 _PROGRAMS_PER_SM = 4
-_CMP_PROGRAMS_PER_SM = 8
-_CMP_STAGES = 3
+_CMP_PROGRAMS_PER_SM = 4
+_CMP_STAGES = 1
 _SPARSE_STAGES = 1
 
 
