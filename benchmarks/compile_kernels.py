@@ -83,14 +83,14 @@ VARIANTS = [
     ("gate_fwd", "gate_fwd", 4, 2, (), dict(DV=128, BR=32, BD=128)),
     ("gate_bwd", "gate_bwd", 4, 2, (), dict(DV=128, BR=32, BD=128)),
     # decoding (one query per row): paper layout, llama3 (G=4), DK 192 = 128 + 64
-    ("decode_cmp_g16", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16)),
-    ("decode_cmp_g4_dk192", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64)),
+    ("decode_cmp_g16", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, STAGES=1)),
+    ("decode_cmp_g4_dk192", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64, STAGES=1)),
     ("decode_select_g16", "decode_select", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, SP=64, NP=16, N_INIT=1,
      N_LOCAL=2, BS=128)),
     ("decode_sparse_g16", "decode_sparse", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, N=16, WINDOW=512, NUM_WIN=8,
-     PER_UNIT=1, SEL_UNITS=16, NUM_UNITS=24, NP=16, CP=8, BN=64)),
+     PER_UNIT=1, SEL_UNITS=16, NUM_UNITS=24, NP=16, CP=8, BN=64, STAGES=1)),
     ("decode_sparse_g4_dk192", "decode_sparse", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64, N=16,
-     WINDOW=512, NUM_WIN=8, PER_UNIT=5, SEL_UNITS=4, NUM_UNITS=6, NP=16, CP=4, BN=64)),
+     WINDOW=512, NUM_WIN=8, PER_UNIT=5, SEL_UNITS=4, NUM_UNITS=6, NP=16, CP=4, BN=64, STAGES=1)),
 ]
 
 

@@ -372,9 +372,9 @@ _CMP_STAGES = 1
 _SPARSE_STAGES = 1
 
 
-def _grid_plan(num_rows: int, num_items: int, sms: int, per_sm: int = 0) -> tuple[int, int]:
-    """(programs per row, items per program) that give about `per_sm` (`_PROGRAMS_PER_SM`) programs per SM."""
-    per_row = max(1, min(num_items, -(-(per_sm or _PROGRAMS_PER_SM) * sms // max(num_rows, 1))))
+def _grid_plan(num_rows: int, num_items: int, sms: int, per_sm: int) -> tuple[int, int]:
+    """(programs per row, items per program) that give about `per_sm` programs per multiprocessor."""
+    per_row = max(1, min(num_items, -(-per_sm * sms // max(num_rows, 1))))
     per_program = -(-num_items // per_row)
     return -(-num_items // per_program), per_program
 
@@ -411,12 +411,13 @@ def nsa_decode_triton(
     num_splits, chunks_per_split = _grid_plan(B * Tq * HKV, num_chunks, sms, _CMP_PROGRAMS_PER_SM)
     BK = 64 if lp % 64 == 0 or lp > 64 else max(16, next_pow2(lp))  # key tile of the selected / window units
     num_win = triton.cdiv(w, BK)
-    units_per_row, per_unit = _grid_plan(B * Tq * HKV, n + num_win, sms)
+    units_per_row, per_unit = _grid_plan(B * Tq * HKV, n + num_win, sms, _PROGRAMS_PER_SM)
     sel_units, win_units = triton.cdiv(n, per_unit), triton.cdiv(num_win, per_unit)
     num_units = sel_units + win_units
 
     BS = max(NP, 128)  # selection blocks per top-n merge
-    sel_programs, sel_chunks_per_program = _grid_plan(B * Tq * HKV, triton.cdiv(triton.cdiv(cap, lp), BS), sms)
+    sel_programs, sel_chunks_per_program = _grid_plan(B * Tq * HKV, triton.cdiv(triton.cdiv(cap, lp), BS), sms,
+                                                     _PROGRAMS_PER_SM)
 
     sizes = [rows * num_splits, rows * num_splits, rows * num_splits * DV, rows * num_chunks,
              rows * num_chunks * NJ, rows * num_chunks * NJ if R > 1 else 0, rows * num_units, rows * num_units,
