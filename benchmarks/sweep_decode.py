@@ -27,8 +27,16 @@ def inputs(HQ, HKV, D, T, B, layers):
     return lambda: [nsa_decode(q, *c, g, pos, **PAPER) for c in caches]
 
 
-# (programs per SM of the compressed pass, its loop's stages, the sparse units' loop's stages)
-SETTINGS = [(4, 1, 1), (8, 3, 1), (8, 3, 2), (8, 3, 3), (4, 3, 1), (16, 3, 1)]
+# (programs per SM of the compressed pass, its loop's stages, the sparse units' loop's stages, programs per SM of
+# the selection and the sparse units)
+KNOBS = ("_CMP_PROGRAMS_PER_SM", "_CMP_STAGES", "_SPARSE_STAGES", "_PROGRAMS_PER_SM")
+SETTINGS = [(4, 1, 1, 4), (8, 3, 1, 4), (8, 3, 2, 4), (8, 3, 3, 4), (4, 3, 1, 4), (16, 3, 1, 4), (8, 3, 1, 2),
+            (8, 3, 1, 8)]
+
+
+def use(setting):
+    for knob, value in zip(KNOBS, setting):
+        setattr(decode, knob, value)
 
 
 def profile(fn, layers):
@@ -43,22 +51,23 @@ def profile(fn, layers):
 
 def main():
     T = int(os.environ.get("T", 65536))
-    default = (decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES)
+    default = tuple(getattr(decode, knob) for knob in KNOBS)
     for layout, batch in [("paper", 1), ("paper", 16), ("llama3-8b", 1), ("llama3-8b", 16)]:
         HQ, HKV, D = LAYOUTS[layout]
         layers = 8 if batch == 1 else 2
         fn = inputs(HQ, HKV, D, T, batch, layers)
-        line = []
+        timed = {}
         for setting in SETTINGS:
-            decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES = setting
-            line.append(f"{'/'.join(map(str, setting))}: {graph_ms(fn) / layers * 1000:6.1f}")
-        print(f"{layout:10s} B={batch:2d} T={T} us per step (cmp programs per SM / cmp stages / sparse stages):  "
-              + "  ".join(line), flush=True)
-        for setting in (SETTINGS[0], default):
-            decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES = setting
+            use(setting)
+            timed[setting] = graph_ms(fn) / layers * 1000
+        print(f"{layout:10s} B={batch:2d} T={T} us per step (cmp programs per SM / cmp stages / sparse stages / "
+              "select+sparse programs per SM):  "
+              + "  ".join(f"{'/'.join(map(str, k))}: {us:6.1f}" for k, us in timed.items()), flush=True)
+        for setting in dict.fromkeys((default, min(timed, key=timed.get))):
+            use(setting)
             kernels = "  ".join(f"{name} {us:.1f}" for name, us in profile(fn, layers).items())
             print(f"    {'/'.join(map(str, setting))} per kernel (us per step): {kernels}", flush=True)
-        decode._CMP_PROGRAMS_PER_SM, decode._CMP_STAGES, decode._SPARSE_STAGES = default
+        use(default)
 
 
 if __name__ == "__main__":

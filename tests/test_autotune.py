@@ -59,6 +59,15 @@ def test_selected_forward_decoding_is_not_timed():
     assert selected_tiles.prune(configs, {}, DECODE=True) == configs[:1]
 
 
+def test_selected_forward_runs_key_centric_only_where_it_measured_faster():
+    from nsa_hf.kernels.selected import default_fwd_mode
+
+    rules = _tiling.TUNING[(9, 0)]
+    assert default_fwd_mode(4, 65536, rules) == "by_block"
+    assert default_fwd_mode(4, rules.selected_by_block_keys - 1, rules) == "tiled"  # 8k: the reverse index costs more
+    assert default_fwd_mode(16, 65536, rules) == "tiled"
+
+
 def test_switches_override_the_autotuner():
     every = band_attention.prune_q_tiled(BAND_CANDIDATES, {}, BLOCK_M=128, **DIMS)
     with override(autotune=False):

@@ -224,8 +224,10 @@ class Tuning:
     selected_long_context: int
     # group sizes from which the selected dQ runs its own tiled pass instead of atomics in the dK/dV pass
     selected_tiled_dq_groups: int
-    # group sizes whose selected forward runs key-centric ("by_block"); empty until measured on a GPU
+    # group sizes whose selected forward runs key-centric ("by_block") for documents of at least
+    # `selected_by_block_keys` keys on average
     selected_by_block_groups: frozenset
+    selected_by_block_keys: int
     # rows (positions x heads) per selected dK/dV program on one KV block's reverse list
     selected_segment_rows: int
     # block selection's prefill tile (ROWS, BS, warps, stages as in SELECTION_CONFIGS), taken untimed wherever it
@@ -243,7 +245,11 @@ _SM90 = Tuning(
     band_chunk_rows=32768,
     selected_long_context=32768,
     selected_tiled_dq_groups=16,
-    selected_by_block_groups=frozenset(),
+    # H200, 32q/8kv: the selected forward 15.1 vs 18.7 ms (D=64) and 24.3 vs 28.8 ms (D=128) at 64k, the whole NSA
+    # fwd+bwd 48.4 vs 52.8 and 82.4 vs 87.1; at 8k 2.1 vs 1.2 ms, the reverse index costing more than it saves
+    # (benchmarks/results/selected_compare_h200.json). Group 16 stays on the query tiles (its tiles carry 16 heads).
+    selected_by_block_groups=frozenset({4}),
+    selected_by_block_keys=32768,
     selected_segment_rows=4096,
     # H200: 6.4 ms against 8.0-11.3 for the other candidates at 64k (64q/4kv), 4.5 / 3.3 ms against >= 5.1 / 4.5
     # (32q/8kv D=128 / D=64); 0.08-0.25 ms for all at 1k-4k (benchmarks/results/logs/selection_configs_h200.log)

@@ -13,9 +13,9 @@ Design:
   B equal documents), so varlen and batched inputs share one code path (`SelectedInputs`).
 * Forward, group-centric (NSA paper, Sec. 3.4; `selected_tiles.py`): a program owns one KV head and a tile of
   consecutive (position, head-in-group) rows and streams each KV block in the union of the tile's selections once.
-  A second, key-centric forward ("by_block", `selected_reverse.py`) walks the reverse index instead: it
-  has no masked rows at any group size but has not run on a GPU yet, so it is chosen only through
-  `Tuning.selected_by_block_groups` (empty) or `_tiling.override(selected_fwd="by_block")`.
+  A second, key-centric forward ("by_block", `selected_reverse.py`) walks the reverse index instead: no masked rows
+  at any group size, but the index costs a pass, so it runs where it measured faster (`default_fwd_mode`: group 4
+  from 32k keys per document on an H200) or through `_tiling.override(selected_fwd="by_block")`.
 * Backward (`selected_reverse.py`): dK/dV over the reverse index, for every (KV head, KV block) the query positions
   that selected it. dQ either rides along in that pass (dS K added into an fp32 accumulator with atomics: every
   (query, block) pair is visited once for all gradients; the default for G < 16) or gets its own pass over the query
@@ -73,9 +73,13 @@ def _rows(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def default_fwd_mode(G: int, rules) -> str:
-    """The key-centric forward for the group sizes where it measured faster (`Tuning.selected_by_block_groups`)."""
-    return "by_block" if G in rules.selected_by_block_groups else "tiled"
+def default_fwd_mode(G: int, avg_keys: int, rules) -> str:
+    """
+    The key-centric forward for the group sizes and document lengths where it measured faster
+    (`Tuning.selected_by_block_groups`, `Tuning.selected_by_block_keys`); the query tiles elsewhere.
+    """
+    by_block = G in rules.selected_by_block_groups and avg_keys >= rules.selected_by_block_keys
+    return "by_block" if by_block else "tiled"
 
 
 def default_dq_mode(G: int, rules) -> str:
@@ -94,13 +98,13 @@ def selected_attention_fwd(q, k, v, block_indices, select_block_size: int, scale
     log-sum-exp of the scaled scores (`-inf` for a query that sees no key; its output is zero).
 
     Query tiles of a heuristic height (`selected_tiles.tile_rows`), or the key-centric forward over the reverse index
-    where `Tuning.selected_by_block_groups` or `override(selected_fwd=...)` says so.
+    where `default_fwd_mode` or `override(selected_fwd=...)` says so.
     """
     pk = SelectedInputs(q, k, v, block_indices, select_block_size, scale, geo)
     if pk.Nq == 0:
         o = torch.empty(pk.Nq, pk.HQ, pk.DV, dtype=q.dtype, device=q.device)
         return pk.unpack(o), torch.empty(pk.B, 0, pk.HQ, dtype=torch.float32, device=q.device)
-    mode = SWITCHES.selected_fwd or default_fwd_mode(pk.G, pk.rules)
+    mode = SWITCHES.selected_fwd or default_fwd_mode(pk.G, geo.avg_k, pk.rules)
     if mode == "by_block":
         o, lse = by_block_forward(pk)
         o = o.to(q.dtype)

@@ -13,8 +13,8 @@ segment store directly. This keeps every program's work bounded (no straggler on
 * dK/dV (`_dkdv_kernel`): dK/dV in fp32 registers per program; with FUSE_DQ also dS K of each row added into an fp32
   dQ accumulator with atomics (every (query, block) pair is visited once for all gradients).
 * Key-centric forward (`_fwd_by_block_kernel`, "by_block"): a log-sum-exp pass, then P V added into an fp32
-  output with atomics; no masked rows at any group size. Tested against the reference in the interpreter, not yet
-  measured on a GPU (`override(selected_fwd="by_block")`, `benchmarks/sweep_selected.py ... compare`).
+  output with atomics; no masked rows at any group size. The default for group 4 at long documents
+  (`selected.default_fwd_mode`; measured by `benchmarks/sweep_selected.py ... compare`).
 """
 
 import torch
