@@ -1,7 +1,7 @@
 """
 Compile representative variants of every Triton kernel of nsa-hf for a GPU architecture, without a GPU (Triton's
-NVIDIA backend and its bundled ptxas / cuobjdump run on any machine), and print registers, spill stack and shared
-memory per variant; `--dump DIR` also writes PTX and SASS, so two checkouts can be compared with `diff -r`.
+NVIDIA backend and its bundled ptxas / cuobjdump run on any machine), and print registers, spill stack, shared
+memory and global loads by width per variant; `--dump DIR` also writes PTX and SASS, so two checkouts can be compared with `diff -r`.
 
     python benchmarks/compile_kernels.py                  # sm_90 (H100 / H200)
     python benchmarks/compile_kernels.py --arch 100 --dump /tmp/sass
@@ -83,8 +83,9 @@ VARIANTS = [
     ("gate_fwd", "gate_fwd", 4, 2, (), dict(DV=128, BR=32, BD=128)),
     ("gate_bwd", "gate_bwd", 4, 2, (), dict(DV=128, BR=32, BD=128)),
     # decoding (one query per row): paper layout, llama3 (G=4), DK 192 = 128 + 64
-    ("decode_cmp_g16", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, STAGES=1)),
-    ("decode_cmp_g4_dk192", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64, STAGES=1)),
+    ("decode_cmp_g16", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, STAGES=decode._CMP_STAGES)),
+    ("decode_cmp_g4_dk192", "decode_cmp", 4, 1, DECODE_PARTIALS, dict(DECODE, G=4, DK=192, BK2=64,
+     STAGES=decode._CMP_STAGES)),
     ("decode_select_g16", "decode_select", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, SP=64, NP=16, N_INIT=1,
      N_LOCAL=2, BS=128)),
     ("decode_sparse_g16", "decode_sparse", 4, 1, DECODE_PARTIALS, dict(DECODE, G=16, N=16, WINDOW=512, NUM_WIN=8,
@@ -98,6 +99,19 @@ def jit_function(kernel):
     while not isinstance(kernel, JITFunction):  # autotuners and heuristics wrap the JITFunction
         kernel = kernel.fn
     return kernel
+
+
+def global_loads(sass: str) -> str:
+    """
+    Global loads by width, direct (LDG) and asynchronous to shared memory (LDGSTS), e.g. `128b x8 async-128b x24`:
+    narrow loads of a K/V tile mean lost vectorisation.
+    """
+    counts = {}
+    for op in re.findall(r"\b(?:LDGSTS|LDG)\.E[.A-Z0-9]*", sass):
+        bits = next((b for tag, b in ((".128", 128), (".64", 64), ("16", 16), ("U8", 8), ("S8", 8)) if tag in op), 32)
+        key = ("async-" if op.startswith("LDGSTS") else "", bits)
+        counts[key] = counts.get(key, 0) + 1
+    return " ".join(f"{kind}{bits}b x{n}" for (kind, bits), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
 
 
 def signature(fn, constexprs, fp32_outputs):
@@ -142,8 +156,11 @@ def main():
         constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
         sig = signature(fn, constexprs, fp32_outputs)
         # as the launcher specialises them at run time: 16-byte aligned pointers, strides that are multiples of 16
+        # unless the kernel says `do_not_specialize` (then the compiler gets no divisibility hint for them either)
+        unspecialised = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize} - divisible
         aligned = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(sig.items())
-                   if kind.startswith("*") or (kind == "i32" and (arg.startswith("stride_") or arg in divisible))}
+                   if kind.startswith("*") or (kind == "i32" and (arg.startswith("stride_") or arg in divisible)
+                                               and arg not in unspecialised)}
         src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=aligned)
         try:
             compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
@@ -156,11 +173,13 @@ def main():
         cubin = os.path.join(args.dump or "/tmp", f"{name}.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
+        loads = ""
         try:
             res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True)
             usage = " ".join(re.findall(r"(?:REG|STACK):\d+", res.stdout)[:2])
+            sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True)
+            loads = global_loads(sass.stdout)
             if args.dump:
-                sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True)
                 with open(os.path.join(args.dump, f"{name}.sass"), "w") as f:
                     f.write(sass.stdout)
         except OSError:
@@ -170,7 +189,7 @@ def main():
                 f.write(compiled.asm["ptx"])
         else:
             os.remove(cubin)
-        print(f"{name:<36} ok  {usage:<20} shared {compiled.metadata.shared:>7} B", flush=True)
+        print(f"{name:<36} ok  {usage:<20} shared {compiled.metadata.shared:>7} B  global loads {loads}", flush=True)
     sys.exit(1 if failed else 0)
 
 

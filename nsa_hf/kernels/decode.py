@@ -32,11 +32,13 @@ from ._tiling import LOG2E, device_limits, dot_precision, next_pow2, split_head_
 from .selection import KEY_MAX_LOW, _merge_chunk
 
 # Integer arguments that change with the cache's capacity or the batch: never specialised, so that a new length
-# compiles nothing.
-_CMP_VARYING = ["stride_qb", "stride_cb", "stride_db", "num_chunks", "chunks_per_split", "num_splits"]
+# compiles nothing. The batch strides stay specialised: a cache's `capacity * heads * dim` keeps its divisibility by
+# 16 as the capacity changes (whenever heads * dim is a multiple of 16), and without that hint the K/V tiles load
+# 2 bytes per instruction instead of 16 (the compressed pass ran 86 -> ~40 us at batch 16, 64k, 64q/4kv).
+_CMP_VARYING = ["num_chunks", "chunks_per_split", "num_splits"]
 _SELECT_VARYING = ["num_chunks", "num_splits", "sel_chunks_per_program", "num_sel_programs"]
-_SPARSE_VARYING = ["stride_qb", "stride_kb", "stride_vb", "stride_wb", "stride_xb", "num_sel_programs"]
-_COMBINE_VARYING = ["stride_gb", "stride_ob", "num_splits"]
+_SPARSE_VARYING = ["num_sel_programs"]
+_COMBINE_VARYING = ["num_splits"]
 
 
 @triton.jit
@@ -76,16 +78,30 @@ def _group_queries(Q, bt, h, stride_qb, stride_qt, stride_qh, Q_LEN: tl.constexp
 
 
 @triton.jit
-def _tile_scores(q1, q2, k_base, kpos, stride_kt, kv_ok, DK: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr,
-                 PREC: tl.constexpr):
-    """`q . K^T` `[GP, BN]` of the keys at `kpos` (keys where not `kv_ok` read as zero)."""
+def _kv_tiles(k_base, v_base, kpos, stride_kt, stride_vt, kv_ok, DK: tl.constexpr, BK1: tl.constexpr,
+              BK2: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """
+    K^T `[BK1, BN]` (+ `[BK2, BN]`) and V `[BN, BV]` of the keys at `kpos` (zero where not `kv_ok`), every load
+    issued before any dot uses one, so that the V load's latency hides behind the scores.
+    """
     k_ptr = k_base + kpos.to(tl.int64)[None, :] * stride_kt
     d1 = tl.arange(0, BK1)
     kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(kv_ok[None, :], d1[:, None], DK, BK1), other=0.0)
-    s = tl.dot(q1, kt1, input_precision=PREC)
+    kt2 = kt1  # unused without a second head-dim piece
     if BK2 > 0:
         d2 = BK1 + tl.arange(0, BK2)
         kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(kv_ok[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
+    dv = tl.arange(0, BV)
+    vb = tl.load(v_base + kpos.to(tl.int64)[:, None] * stride_vt + dv[None, :],
+                 mask=_tile_mask(kv_ok[:, None], dv[None, :], DV, BV), other=0.0)
+    return kt1, kt2, vb
+
+
+@triton.jit
+def _tile_scores(q1, q2, kt1, kt2, BK2: tl.constexpr, PREC: tl.constexpr):
+    """`q . K^T` `[GP, BN]` from `_kv_tiles`' pieces."""
+    s = tl.dot(q1, kt1, input_precision=PREC)
+    if BK2 > 0:
         s += tl.dot(q2, kt2, input_precision=PREC)
     return s
 
@@ -130,17 +146,8 @@ def _cmp_kernel(
         chunk = first + c
         cols = chunk * BN + tl.arange(0, BN)
         vis = cols < n_vis
-        # K's and V's loads issued before the dots (not `_tile_scores`): the measured schedule, 22 fewer registers
-        d1 = tl.arange(0, BK1)
-        k_ptr = k_base + cols.to(tl.int64)[None, :] * stride_ct
-        kt1 = tl.load(k_ptr + d1[:, None], mask=_tile_mask(vis[None, :], d1[:, None], DK, BK1), other=0.0)
-        vb = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_dt + dv[None, :],
-                     mask=_tile_mask(vis[:, None], dv[None, :], DV, BV), other=0.0)
-        s = tl.dot(q1, kt1, input_precision=PREC)
-        if BK2 > 0:
-            d2 = BK1 + tl.arange(0, BK2)
-            kt2 = tl.load(k_ptr + d2[:, None], mask=_tile_mask(vis[None, :], d2[:, None], DK, BK1 + BK2), other=0.0)
-            s += tl.dot(q2, kt2, input_precision=PREC)
+        kt1, kt2, vb = _kv_tiles(k_base, v_base, cols, stride_ct, stride_dt, vis, DK, BK1, BK2, DV, BV)
+        s = _tile_scores(q1, q2, kt1, kt2, BK2, PREC)
         s = tl.where(vis[None, :], s * scale_log2, float("-inf"))
         m_c = tl.max(s, 1)  # finite: the chunk's first block is visible
         p = tl.exp2(s - m_c[:, None])
@@ -303,15 +310,14 @@ def _sparse_kernel(
             lo = tl.maximum(lo, 0)
         kpos = lo + tl.arange(0, BN)
         kv_ok = kpos < hi
-        s = _tile_scores(q1, q2, k_base, kpos, skt, kv_ok, DK, BK1, BK2, PREC)
+        kt1, kt2, vb = _kv_tiles(k_base, v_base, kpos, skt, svt, kv_ok, DK, BK1, BK2, DV, BV)
+        s = _tile_scores(q1, q2, kt1, kt2, BK2, PREC)
         s = tl.where(kv_ok[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(v_base + kpos.to(tl.int64)[:, None] * svt + dv[None, :],
-                     mask=_tile_mask(kv_ok[:, None], dv[None, :], DV, BV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
         m_i = m_new
     at = out_row * NUM_UNITS + unit
@@ -363,13 +369,16 @@ def _combine_kernel(
 
 
 # Launch geometry and software pipelining of the decode kernels (benchmarks/sweep_decode.py): programs per
-# multiprocessor, and the stages of the compressed pass's and the sparse units' loops. The defaults are the
-# GPU-tested ones; a copy of the compressed pass ran 57 -> 41 us (64q/4kv, B=16, 64k) at 8 programs per SM and 3
-# stages (notes/PERF.md), not yet measured or GPU-tested in place.
-_PROGRAMS_PER_SM = 4
-_CMP_PROGRAMS_PER_SM = 4
-_CMP_STAGES = 1
+# multiprocessor, the stages of the compressed pass's and the sparse units' loops, the combine's warps. H200, 64k,
+# batch 16, whole step: the compressed pass at 2 programs per SM with its chunk loop double-buffered 102 -> 85 us
+# (64q/4kv) and 153 -> 132 us (32q/8kv) against 4 per SM unpipelined; the selection and sparse units at 8 per SM and
+# the combine at 2 warps a few us each (benchmarks/results/logs/decode_variants_h200.log). Batch 1 is unchanged by
+# the compressed pass's setting (one chunk per program there).
+_PROGRAMS_PER_SM = 8
+_CMP_PROGRAMS_PER_SM = 2
+_CMP_STAGES = 2
 _SPARSE_STAGES = 1
+_COMBINE_WARPS = 2
 
 
 def _grid_plan(num_rows: int, num_items: int, sms: int, per_sm: int) -> tuple[int, int]:
@@ -457,6 +466,6 @@ def nsa_decode_triton(
         gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
         num_splits, Q_LEN=Tq, HQ=HQ, DV=DV, BV=BV, SP=max(2, next_pow2(num_splits)),
         SEL_UNITS=sel_units, NUM_UNITS=num_units, UP=max(2, next_pow2(max(sel_units, win_units))),
-        num_warps=4, num_stages=1,
+        num_warps=_COMBINE_WARPS, num_stages=1,
     )
     return (out, idx) if return_block_indices else out
