@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, not the interpreter's
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,6 +27,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from nsa_hf.kernels import band_attention, band_attention_bwd, decode, nsa, selected_reverse, selected_tiles  # noqa: E402
 from nsa_hf.kernels import selection  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 KERNELS = dict(
     band_fwd=band_attention._band_fwd_kernel, band_dq=band_attention_bwd._band_dq_kernel,
@@ -135,6 +138,32 @@ def signature(fn, constexprs, fp32_outputs):
     return sig
 
 
+def compile_variant(variant, arch: int = 90, divisible: frozenset = frozenset()):
+    """
+    Compile one VARIANTS entry for `arch` as a launch would: 16-byte aligned pointers, strides that are multiples of
+    16 unless the kernel says `do_not_specialize` (then the compiler gets no divisibility hint for them either),
+    `divisible` integer arguments as multiples of 16. Returns Triton's compiled kernel.
+    """
+    name, kernel, warps, stages, fp32_outputs, constexprs = variant
+    fn = jit_function(KERNELS[kernel])
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    sig = signature(fn, constexprs, fp32_outputs)
+    unspecialised = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize} - set(divisible)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(sig.items())
+               if kind.startswith("*") or (kind == "i32" and (arg.startswith("stride_") or arg in divisible)
+                                           and arg not in unspecialised)}
+    src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def sass_of(compiled, cubin_path: str) -> str:
+    """SASS text of a compiled kernel (Triton's bundled nvdisasm); the cubin is written to `cubin_path`."""
+    with open(cubin_path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    return subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", cubin_path], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -143,46 +172,32 @@ def main():
     parser.add_argument("--divisible", default="", help="comma-separated integer arguments compiled as multiples of 16"
                         " (as a launch specialises them when they are): compare with and without for do_not_specialize")
     args = parser.parse_args()
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     only = set(args.only.split(",")) if args.only else None
     divisible = set(filter(None, args.divisible.split(",")))
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     failed = 0
-    for name, kernel, warps, stages, fp32_outputs, constexprs in VARIANTS:
+    for variant in VARIANTS:
+        name = variant[0]
         if only and name not in only:
             continue
-        fn = jit_function(KERNELS[kernel])
-        constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-        sig = signature(fn, constexprs, fp32_outputs)
-        # as the launcher specialises them at run time: 16-byte aligned pointers, strides that are multiples of 16
-        # unless the kernel says `do_not_specialize` (then the compiler gets no divisibility hint for them either)
-        unspecialised = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize} - divisible
-        aligned = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(sig.items())
-                   if kind.startswith("*") or (kind == "i32" and (arg.startswith("stride_") or arg in divisible)
-                                               and arg not in unspecialised)}
-        src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=aligned)
         try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
-                                      options={"num_warps": warps, "num_stages": stages})
+            compiled = compile_variant(variant, args.arch, frozenset(divisible))
         except Exception as err:  # report every variant
             failed += 1
             print(f"{name:<36} FAILED {type(err).__name__}: {str(err)[:500]}", flush=True)
             continue
-        usage = ""
-        cubin = os.path.join(args.dump or "/tmp", f"{name}.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        loads = ""
+        usage = loads = ""
+        cubin = os.path.join(args.dump or tempfile.gettempdir(), f"{name}.cubin")
         try:
-            res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True)
+            sass = sass_of(compiled, cubin)
+            res = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True)
             usage = " ".join(re.findall(r"(?:REG|STACK):\d+", res.stdout)[:2])
-            sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True)
-            loads = global_loads(sass.stdout)
+            loads = global_loads(sass)
             if args.dump:
                 with open(os.path.join(args.dump, f"{name}.sass"), "w") as f:
-                    f.write(sass.stdout)
-        except OSError:
+                    f.write(sass)
+        except (OSError, subprocess.CalledProcessError):
             usage = "(no cuobjdump)"
         if args.dump:
             with open(os.path.join(args.dump, f"{name}.ptx"), "w") as f:
