@@ -1,6 +1,7 @@
 """
-Launch geometry of the decode kernels: programs per multiprocessor and loop pipelining stages, timed under CUDA
-graphs, plus a per-kernel profile of the old and the current default. One run:  python benchmarks/sweep_decode.py
+Launch geometry of the decode kernels (programs per multiprocessor, loop pipelining stages, the combine's warps),
+timed under CUDA graphs, plus a per-kernel profile of the default and of the fastest setting. One run:
+python benchmarks/sweep_decode.py
 """
 
 import os
@@ -28,10 +29,11 @@ def inputs(HQ, HKV, D, T, B, layers):
 
 
 # (programs per SM of the compressed pass, its loop's stages, the sparse units' loop's stages, programs per SM of
-# the selection and the sparse units)
-KNOBS = ("_CMP_PROGRAMS_PER_SM", "_CMP_STAGES", "_SPARSE_STAGES", "_PROGRAMS_PER_SM")
-SETTINGS = [(4, 1, 1, 4), (8, 3, 1, 4), (8, 3, 2, 4), (8, 3, 3, 4), (4, 3, 1, 4), (16, 3, 1, 4), (8, 3, 1, 2),
-            (8, 3, 1, 8)]
+# the selection and the sparse units, the combine's warps): the defaults first, then their neighbours and the
+# pre-c84c4ce launch
+KNOBS = ("_CMP_PROGRAMS_PER_SM", "_CMP_STAGES", "_SPARSE_STAGES", "_PROGRAMS_PER_SM", "_COMBINE_WARPS")
+SETTINGS = [tuple(getattr(decode, knob) for knob in KNOBS), (4, 1, 1, 4, 4), (2, 3, 1, 8, 2), (4, 2, 1, 8, 2),
+            (2, 2, 2, 8, 2), (2, 2, 1, 4, 2), (2, 2, 1, 8, 1), (2, 2, 1, 16, 2)]
 
 
 def use(setting):
@@ -61,7 +63,7 @@ def main():
             use(setting)
             timed[setting] = graph_ms(fn) / layers * 1000
         print(f"{layout:10s} B={batch:2d} T={T} us per step (cmp programs per SM / cmp stages / sparse stages / "
-              "select+sparse programs per SM):  "
+              "select+sparse programs per SM / combine warps):  "
               + "  ".join(f"{'/'.join(map(str, k))}: {us:6.1f}" for k, us in timed.items()), flush=True)
         for setting in dict.fromkeys((default, min(timed, key=timed.get))):
             use(setting)
