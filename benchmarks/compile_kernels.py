@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, not the interpreter's
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, not the interpreter's (imported: the caller's choice)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
