@@ -1,7 +1,8 @@
 """
 Compile representative variants of every Triton kernel of nsa-hf for a GPU architecture, without a GPU (Triton's
 NVIDIA backend and its bundled ptxas / cuobjdump run on any machine), and print registers, spill stack, shared
-memory and global loads by width per variant; `--dump DIR` also writes PTX and SASS, so two checkouts can be compared with `diff -r`.
+memory and global loads by width per variant; `--dump DIR` also writes PTX and SASS, so two checkouts can be
+compared with `diff -r`.
 
     python benchmarks/compile_kernels.py                  # sm_90 (H100 / H200)
     python benchmarks/compile_kernels.py --arch 100 --dump /tmp/sass
@@ -115,7 +116,8 @@ def global_loads(sass: str) -> str:
         bits = next((b for tag, b in ((".128", 128), (".64", 64), ("16", 16), ("U8", 8), ("S8", 8)) if tag in op), 32)
         key = ("async-" if op.startswith("LDGSTS") else "", bits)
         counts[key] = counts.get(key, 0) + 1
-    return " ".join(f"{kind}{bits}b x{n}" for (kind, bits), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
+    ordered = sorted(counts.items(), key=lambda item: (item[0][0], -item[0][1]))  # direct first, widest first
+    return " ".join(f"{kind}{bits}b x{n}" for (kind, bits), n in ordered)
 
 
 def signature(fn, constexprs, fp32_outputs):
@@ -192,7 +194,8 @@ def main():
         cubin = os.path.join(args.dump or tempfile.gettempdir(), f"{name}.cubin")
         try:
             sass = sass_of(compiled, cubin)
-            res = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True)
+            res = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                                 text=True)
             usage = " ".join(re.findall(r"(?:REG|STACK):\d+", res.stdout)[:2])
             loads = global_loads(sass)
             if args.dump:

@@ -1,22 +1,16 @@
 """Plot speedup over dense attention against sequence length from a benchmarks/results/training_*.json file."""
 
-import argparse
-import json
 import os
+import sys
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-matplotlib.use("Agg")
+from benchmarks.plot_io import read_results, save  # noqa: E402  (sets the Agg backend first)
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("json_path")
-    parser.add_argument("--out", default=None, help="PNG path (default: beside the JSON)")
-    args = parser.parse_args()
-    with open(args.json_path) as f:
-        data = json.load(f)
+    data, out = read_results(__doc__)
     # where a file holds several runs of one case, the later row (a re-run of newer code) wins
     latest = {(r["layout"], r["impl"], r["seqlen"]): r for r in data["results"]}
     rows = [r for r in latest.values() if "fwd_speedup_vs_dense" in r and r["impl"] != "dense"]
@@ -33,10 +27,7 @@ def main():
     axes[0].set_ylabel("speedup (x)")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{data['meta']['gpu']}, bf16, batch 1, torch {data['meta']['torch']}, triton {data['meta']['triton']}")
-    fig.tight_layout()
-    out = args.out or os.path.splitext(args.json_path)[0] + ".png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 if __name__ == "__main__":

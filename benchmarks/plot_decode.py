@@ -1,22 +1,16 @@
 """Plot benchmarks/results/decode_*.json: attention decode step speedup over dense SDPA, model decode ms/token, cold start."""
 
-import argparse
-import json
 import os
+import sys
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-matplotlib.use("Agg")
+from benchmarks.plot_io import read_results, save  # noqa: E402  (sets the Agg backend first)
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("json_path")
-    parser.add_argument("--out", default=None, help="PNG path (default: beside the JSON)")
-    args = parser.parse_args()
-    with open(args.json_path) as f:
-        data = json.load(f)
+    data, out = read_results(__doc__)
     rows = data["results"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
 
@@ -62,10 +56,7 @@ def main():
     ax.grid(alpha=0.3)
     meta = data["meta"]
     fig.suptitle(f"{meta['gpu']}, bf16, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}")
-    fig.tight_layout()
-    out = args.out or os.path.splitext(args.json_path)[0] + ".png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,16 @@
 """Plot tokens/s and the speedup over the dense twin against length from benchmarks/results/model_training_*.json."""
 
-import argparse
-import json
 import os
+import sys
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-matplotlib.use("Agg")
+from benchmarks.plot_io import read_results, save  # noqa: E402  (sets the Agg backend first)
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("json_path")
-    parser.add_argument("--out", default=None, help="PNG path (default: beside the JSON)")
-    args = parser.parse_args()
-    with open(args.json_path) as f:
-        data = json.load(f)
+    data, out = read_results(__doc__)
     rows = sorted(data["results"], key=lambda r: r["seqlen"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label in [("nsa_", "NSA"), ("dense_", "dense twin (sdpa)"), ("nsa_compiled_", "NSA, compiled"),
@@ -38,10 +32,7 @@ def main():
     meta = data["meta"]
     fig.suptitle(f"{meta.get('model', '')} step (fwd+bwd+AdamW, gradient checkpointing), {meta.get('gpu', '')}, "
                  f"torch {meta.get('torch', '')}")
-    fig.tight_layout()
-    out = args.out or os.path.splitext(args.json_path)[0] + ".png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    save(fig, out)
 
 
 if __name__ == "__main__":

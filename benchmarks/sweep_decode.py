@@ -53,7 +53,7 @@ def profile(fn, layers):
 
 def main():
     T = int(os.environ.get("T", 65536))
-    default = tuple(getattr(decode, knob) for knob in KNOBS)
+    default = SETTINGS[0]
     for layout, batch in [("paper", 1), ("paper", 16), ("llama3-8b", 1), ("llama3-8b", 16)]:
         HQ, HKV, D = LAYOUTS[layout]
         layers = 8 if batch == 1 else 2

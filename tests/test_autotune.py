@@ -38,7 +38,8 @@ def test_selection_prefill_takes_the_measured_tile_untimed_at_every_length():
     rows, bs, warps, stages = _tiling.TUNING[(9, 0)].selection_prefill_tile
     for t_bucket in (64, 1024, 65536):
         (tile,) = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": t_bucket}, **const)
-        assert (tile.kwargs["ROWS"], tile.kwargs["BS"] * 4, tile.num_warps, tile.num_stages) == (rows, bs, warps, stages)
+        got = (tile.kwargs["ROWS"], tile.kwargs["BS"] * 4, tile.num_warps, tile.num_stages)  # BS: selection blocks
+        assert got == (rows, bs, warps, stages)
     decoding = selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 16}, **const)
     assert len(decoding) == 1
     with override(config_index=2):  # benchmarks and tests still reach every candidate
