@@ -202,7 +202,14 @@ def coldstart_cases(args, log, emit):
     with torch.device("cuda"):
         model = NSAForCausalLM(NSAConfig(**MODEL)).to(torch.bfloat16).eval()
     with torch.no_grad():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         model(torch.randint(1, 1000, (1, 4096), device="cuda"), logits_to_keep=1)  # the model's first call
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        emit(dict(case="coldstart_first_call", prompt_len=4096, first_s=seconds, triton_compilations=len(compiles),
+                  compiled_kernels=sorted(set(compiles))))
+        log(f"  the model's first call, 4096: {seconds:.3f} s, {len(compiles)} Triton compilations")
         for length in args.coldstart_lens:
             ids = torch.randint(1, 1000, (1, length), device="cuda")
             times = []

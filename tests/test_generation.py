@@ -515,3 +515,23 @@ def test_gpu_a_new_prompt_length_compiles_no_kernel_without_warmup():
             for length in (4097, 4111, 4999, 6001):
                 model(torch.randint(1, 1024, (1, length), device="cuda"), use_cache=False)
     assert compiled == []
+
+
+@pytest.mark.gpu
+def test_gpu_the_first_prompt_past_the_long_context_boundary_compiles_no_kernel(monkeypatch):
+    # the selected forward switches kernels at long documents (32k keys; lowered here to 5000): the model's first call
+    # compiles both regimes (`selected.compile_ahead`), so the first long prompt compiles nothing
+    import dataclasses
+
+    from nsa_hf.kernels import _tiling
+
+    rules = _tiling.tuning(_tiling.device_limits(torch.device("cuda")))
+    low = dataclasses.replace(rules, selected_long_context=5000, selected_by_block_keys=5000)
+    monkeypatch.setitem(_tiling.TUNING, (9, 0), low)
+    model = _gpu_model()
+    with torch.no_grad():
+        model(torch.randint(1, 1024, (1, 4096), device="cuda"), use_cache=False)
+        with _triton_compilations() as compiled:
+            for length in (6001, 7777):
+                model(torch.randint(1, 1024, (1, length), device="cuda"), use_cache=False)
+    assert compiled == []

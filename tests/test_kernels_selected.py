@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from nsa_hf.kernels import selected_tiles
 from nsa_hf.kernels._geometry import geometry
 from nsa_hf.kernels._tiling import device_limits, override, tuning
 from nsa_hf.kernels.reference import (
@@ -20,7 +19,13 @@ from nsa_hf.kernels.reference import (
     selected_attention_ref,
     selection_scores_ref,
 )
-from nsa_hf.kernels.selected import selected_attention, selected_attention_bwd, selected_attention_fwd
+from nsa_hf.kernels import _tiling, selected_tiles
+from nsa_hf.kernels.selected import (
+    forward_regimes,
+    selected_attention,
+    selected_attention_bwd,
+    selected_attention_fwd,
+)
 from nsa_hf.kernels.utils import unfold_compression_blocks
 
 ATOL = 1e-4
@@ -405,8 +410,9 @@ def test_gpu_dq_modes_bf16(HQ, HKV):
 @pytest.mark.parametrize("HQ,HKV", [(64, 4), (32, 8)])
 def test_gpu_long_context_bf16(HQ, HKV):
     """
-    From 32k keys the forward takes 16-row tiles (one position for G=16, a union of 4 for G=4). Output and dQ of the
-    last 512 queries (which depend only on those queries' dO) against the reference.
+    From 32k keys the forward takes 16-row tiles for G=16 (one position) and the key-centric forward for G=4
+    (`default_fwd_mode`; the 16-row tiles with a union of 4 positions under `override(selected_fwd="tiled")`). Output
+    and dQ of the last 512 queries (which depend only on those queries' dO) against the reference.
     """
     gen = torch.Generator().manual_seed(HQ + 1)
     T, lp, tail = 32768, 64, 512
@@ -422,6 +428,49 @@ def test_gpu_long_context_bf16(HQ, HKV):
     o_ref.backward(do[:, -tail:].float())
     assert rel_err(o[:, -tail:], o_ref) < 1e-2
     assert rel_err(qq.grad[:, -tail:], qf.grad) < 1e-2
+
+
+def test_forward_regimes_are_the_short_and_the_long_context_kernels():
+    rules = tuning(device_limits(None))
+    assert forward_regimes(4, rules) == {("tiled", 64), ("by_block", None)}
+    assert forward_regimes(16, rules) == {("tiled", 64), ("tiled", 16)}
+    assert forward_regimes(8, rules) == {("tiled", 64), ("tiled", 16)}
+    assert forward_regimes(1, rules) == {("tiled", 32)}  # one regime: nothing to compile ahead
+    with override(selected_fwd="by_block"):
+        assert forward_regimes(16, rules) == {("by_block", None)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("HQ,HKV", [(32, 8), (64, 4)])
+def test_gpu_first_document_past_the_long_context_boundary_compiles_nothing(monkeypatch, HQ, HKV):
+    """
+    The first call compiles the long-context regime's kernels ahead (`selected.compile_ahead`), so the first
+    document past the boundary (lowered here to 4096 keys) only times their configurations.
+    """
+    import dataclasses
+
+    import triton
+
+    rules = tuning(device_limits(torch.device("cuda")))
+    low = dataclasses.replace(rules, selected_long_context=4096, selected_by_block_keys=4096)
+    monkeypatch.setitem(_tiling.TUNING, (9, 0), low)
+    gen = torch.Generator().manual_seed(HQ + 11)
+
+    def call(T):  # 12 selected blocks, which no other test uses: a kernel signature of its own
+        q, k, v = make_qkv(1, T, T, HQ, HKV, 128, 128, gen, device="cuda", dtype=torch.bfloat16)
+        idx = random_indices(1, T, T, HKV, 12, 64, gen, allow_empty=False, device="cuda")
+        return q, k, v, idx, fwd(q, k, v, idx, 64)[0]
+
+    call(2048)
+    compiled = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **kw: compiled.append(getattr(kw.get("fn"), "name", "?"))
+    try:
+        q, k, v, idx, o = call(5000)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
+    assert compiled == []
+    ref = selected_attention_ref(q[:, -256:].float(), k.float(), v.float(), idx[:, -256:], 64)
+    assert rel_err(o[:, -256:], ref) < 1e-2
 
 
 @pytest.mark.gpu

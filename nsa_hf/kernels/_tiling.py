@@ -281,6 +281,15 @@ def choose_configs(kept, configs):
     return kept
 
 
+def quick_bench(fn, quantiles=None):
+    """
+    The autotuner's timing for kernels first tuned inside a request (the selected forward at the first prompt of a
+    length regime, `selected.compile_ahead`): ~10 launches per configuration instead of Triton's default 125 ms, so
+    that first prompt costs at most a few of its own run times more than the next one.
+    """
+    return triton.testing.do_bench(fn, warmup=1, rep=10, quantiles=quantiles)
+
+
 def _configs(rows, keys):
     return [triton.Config(dict(zip(keys, values)), num_warps=w, num_stages=s) for *values, w, s in rows]
 

@@ -27,7 +27,7 @@ import torch
 
 from ._checks import check_int, check_kernel_inputs, check_packing, check_qkv
 from ._geometry import Geometry, geometry
-from ._tiling import SWITCHES, device_limits, dot_precision, next_pow2, split_head_dim, tuning
+from ._tiling import DECODE_ROWS, INTERPRET, SWITCHES, device_limits, dot_precision, next_pow2, split_head_dim, tuning
 from .selected_reverse import attention_delta, by_block_forward, dkdv
 from .selected_tiles import tile_rows, tiled_dq, tiled_forward
 
@@ -82,6 +82,52 @@ def default_fwd_mode(G: int, avg_keys: int, rules) -> str:
     return "by_block" if by_block else "tiled"
 
 
+def forward_regimes(G: int, rules) -> set:
+    """
+    The selected forward's kernels at short and at long documents for group size G: `(mode, query-tile rows)`
+    pairs, rows None for the key-centric forward (`SWITCHES` overrides apply).
+    """
+    regimes = set()
+    for avg_keys in (0, 1 << 62):
+        mode = SWITCHES.selected_fwd or default_fwd_mode(G, avg_keys, rules)
+        regimes.add((mode, tile_rows(G, avg_keys, rules) if mode == "tiled" else None))
+    return regimes
+
+
+_COMPILED_AHEAD = set()
+
+
+def compile_ahead(pk, used: tuple) -> None:
+    """
+    Compile, without running or timing, the selected forward's kernels of the length regime a call with these
+    shapes did not use (`forward_regimes`), once per process: a server's first prompt past the regime boundary (32k
+    keys) then compiles nothing; it only times the candidate configurations on its own inputs
+    (`_tiling.quick_bench`). Costs the first call a few seconds on a machine whose Triton cache is empty, ~0.1 s after.
+    """
+    if INTERPRET or pk.q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    signature = (pk.q.device, pk.q.dtype, pk.k.dtype, pk.HQ, pk.HKV, pk.DK, pk.DV, pk.L, pk.n, pk.varlen)
+    _COMPILED_AHEAD.add((signature, used))
+    others = {r for r in forward_regimes(pk.G, pk.rules) if (signature, r) not in _COMPILED_AHEAD}
+    if not others:
+        return
+    _COMPILED_AHEAD.update((signature, r) for r in others)
+    # a small document of the same signature: every integer that follows the length is unspecialised
+    T, dev = max(2 * pk.L, DECODE_ROWS), pk.q.device
+    q = torch.zeros(1, T, pk.HQ, pk.DK, dtype=pk.q.dtype, device=dev)
+    k = torch.zeros(1, T, pk.HKV, pk.DK, dtype=pk.k.dtype, device=dev)
+    v = torch.zeros(1, T, pk.HKV, pk.DV, dtype=pk.v.dtype, device=dev)
+    idx = torch.full((1, T, pk.HKV, pk.n), -1, dtype=torch.int32, device=dev)
+    idx[..., 0] = 0
+    cu = torch.tensor([0, T], dtype=torch.int32, device=dev) if pk.varlen else None
+    small = SelectedInputs(q, k, v, idx, pk.L, pk.scale, geometry(q, T, cu, cu))
+    for mode, rows in others:
+        if mode == "by_block":
+            by_block_forward(small, compile_only=True)
+        else:
+            tiled_forward(small, rows, compile_only=True)
+
+
 def default_dq_mode(G: int, rules) -> str:
     """
     Fused dQ costs one fp32 atomic per (query head, selected block, dim): ~2.8 ms per 1e9 on an H100. The tiled pass
@@ -105,11 +151,13 @@ def selected_attention_fwd(q, k, v, block_indices, select_block_size: int, scale
         o = torch.empty(pk.Nq, pk.HQ, pk.DV, dtype=q.dtype, device=q.device)
         return pk.unpack(o), torch.empty(pk.B, 0, pk.HQ, dtype=torch.float32, device=q.device)
     mode = SWITCHES.selected_fwd or default_fwd_mode(pk.G, geo.avg_k, pk.rules)
+    rows = tile_rows(pk.G, geo.avg_k, pk.rules) if mode == "tiled" else None
     if mode == "by_block":
         o, lse = by_block_forward(pk)
         o = o.to(q.dtype)
     else:
-        o, lse = tiled_forward(pk, tile_rows(pk.G, geo.avg_k, pk.rules))
+        o, lse = tiled_forward(pk, rows)
+    compile_ahead(pk, (mode, rows))
     return pk.unpack(o), lse.reshape(pk.B, -1, pk.HQ)
 
 

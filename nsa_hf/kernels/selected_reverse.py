@@ -17,11 +17,13 @@ segment store directly. This keeps every program's work bounded (no straggler on
   (`selected.default_fwd_mode`; measured by `benchmarks/sweep_selected.py ... compare`).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._tiling import SELECTED_BY_BLOCK_CONFIGS, SELECTED_DKDV_CONFIGS, LOG2E, next_pow2
+from ._tiling import SELECTED_BY_BLOCK_CONFIGS, SELECTED_DKDV_CONFIGS, LOG2E, next_pow2, quick_bench
 from .selected_tiles import PRUNE, block_keys, doc_bounds, key_tile, load_keys, load_keys_t, load_rows
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def _segment(BUCKET_OFF, bucket, seg, SEG):
 
 
 @triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=PRUNE,
-                 reset_to_zero=["OACC"], cache_results=True)
+                 reset_to_zero=["OACC"], cache_results=True, do_bench=quick_bench)
 @triton.jit(do_not_specialize=_BUCKET_VARYING)
 def _fwd_by_block_kernel(
     Q, K, V, LSE_E, LSE, OACC, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
@@ -336,8 +338,11 @@ def segment_rows(pk) -> int:
     return max(1, pk.segment_rows // pk.G)
 
 
-def by_block_forward(pk):
-    """Key-centric forward: (fp32 output `[Nq, HQ, DV]`, lse `[Nq, HQ]`); see `selected.selected_attention_fwd`."""
+def by_block_forward(pk, compile_only: bool = False):
+    """
+    Key-centric forward: (fp32 output `[Nq, HQ, DV]`, lse `[Nq, HQ]`); see `selected.selected_attention_fwd`. With
+    `compile_only` both passes' configurations are compiled for these inputs' signature, not run (None).
+    """
     dev = pk.q.device
     oacc = torch.zeros(pk.Nq, pk.HQ, pk.DV, dtype=torch.float32, device=dev)
     if pk.n == 0 or pk.Nk == 0:
@@ -349,7 +354,11 @@ def by_block_forward(pk):
     lse = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=dev)
 
     def launch(pass_):
-        _fwd_by_block_kernel[(rev["num_items"],)](
+        grid = (rev["num_items"],)
+        kernel = _fwd_by_block_kernel[grid]
+        if compile_only:
+            kernel = functools.partial(_fwd_by_block_kernel.warmup, grid=grid)
+        kernel(
             pk.q, pk.k, pk.v, lse_entry, lse, oacc, pk.cu_q, pk.cu_k,
             rev["item_bucket"], rev["item_seg"], rev["bucket_off"], rev["blk_doc"], rev["blk_off"], rev["pos"],
             pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
@@ -359,6 +368,9 @@ def by_block_forward(pk):
         )
 
     launch(0)
+    if compile_only:
+        launch(1)
+        return None
     # back from sorted entries to (query, KV head, slot), then the log-sum-exp over each query's blocks
     order = rev["order"]
     rank = torch.empty_like(order)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose_configs, next_pow2
+from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose_configs, next_pow2, quick_bench
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small jitted helpers
@@ -197,7 +197,7 @@ PRUNE = {"early_config_prune": prune}
 
 @triton.autotune(
     configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT", "DECODE"], prune_configs_by=PRUNE,
-    cache_results=True,
+    cache_results=True, do_bench=quick_bench,
 )
 @triton.jit(do_not_specialize=_TILE_VARYING)
 def _fwd_kernel(
@@ -433,20 +433,30 @@ def _tile_list(pk, BM):
     return num, torch.where(used, doc, -1).to(torch.int32), ((ids - first) * BM).clamp_min(0).to(torch.int32)
 
 
-def tiled_forward(pk, BM: int):
-    """Forward over query tiles of BM rows: (o `[Nq, HQ, DV]` in q's dtype, lse `[Nq, HQ]` float32)."""
+def tiled_forward(pk, BM: int, compile_only: bool = False):
+    """
+    Forward over query tiles of BM rows: (o `[Nq, HQ, DV]` in q's dtype, lse `[Nq, HQ]` float32). With
+    `compile_only` the forward kernel's configurations are compiled for these inputs' signature, not run (None).
+    """
     o = torch.empty(pk.Nq, pk.HQ, pk.DV, dtype=pk.q.dtype, device=pk.q.device)
     lse = torch.empty(pk.Nq, pk.HQ, dtype=torch.float32, device=pk.q.device)
     tiles = QueryTiles(pk, BM)
-    _fwd_kernel[(tiles.num, pk.HKV)](
+    grid = (tiles.num, pk.HKV)
+    args = (
         pk.q, pk.k, pk.v, o, lse, pk.cu_q, pk.cu_k, tiles.tile_doc, tiles.tile_row0, tiles.ub, tiles.um, tiles.uc,
         pk.idx, pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
         o.stride(0), o.stride(1), pk.idx.stride(0), pk.idx.stride(1),
         pk.TQ, pk.TK, tiles.per_doc, tiles.maxu, pk.scale * LOG2E,
+    )
+    meta = dict(
         HKV=pk.HKV, G=pk.G, L=pk.L, N=pk.n, NP=max(2, next_pow2(pk.n)), DK=pk.DK, DV=pk.DV, BK1=pk.BK1,
         BK2=pk.BK2, BV=pk.BV, BM=BM, BN=key_tile(pk.L), DIRECT=tiles.direct, VARLEN=pk.varlen, PREC=pk.prec,
         DECODE=pk.Nq * pk.G < DECODE_ROWS * pk.num_docs,
     )
+    if compile_only:
+        _fwd_kernel.warmup(*args, grid=grid, **meta)
+        return None
+    _fwd_kernel[grid](*args, **meta)
     return o, lse
 
 
