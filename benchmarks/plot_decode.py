@@ -16,10 +16,10 @@ def main():
 
     ax = axes[0]
     kernel = [r for r in rows if r["case"] == "attention_decode_step"]
-    for layout, batch, commit in sorted({(r["layout"], r["batch"], r["commit"]) for r in kernel}):
-        pts = sorted((r["cache_len"], r["speedup_vs_dense"]) for r in kernel
-                     if (r["layout"], r["batch"], r["commit"]) == (layout, batch, commit))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{layout}, batch {batch} ({commit})")
+    for layout, batch in sorted({(r["layout"], r["batch"]) for r in kernel}):
+        pts = sorted((r["cache_len"], r["speedup_vs_dense"]) for r in kernel if (r["layout"], r["batch"]) == (layout, batch))
+        commits = "/".join(sorted({r.get("commit", "?") for r in kernel if (r["layout"], r["batch"]) == (layout, batch)}))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{layout}, batch {batch} ({commits})")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("cached tokens")
