@@ -17,8 +17,9 @@ def main():
     ax = axes[0]
     kernel = [r for r in rows if r["case"] == "attention_decode_step"]
     for layout, batch in sorted({(r["layout"], r["batch"]) for r in kernel}):
-        pts = sorted((r["cache_len"], r["speedup_vs_dense"]) for r in kernel if (r["layout"], r["batch"]) == (layout, batch))
-        commits = "/".join(sorted({r.get("commit", "?") for r in kernel if (r["layout"], r["batch"]) == (layout, batch)}))
+        mine = [r for r in kernel if (r["layout"], r["batch"]) == (layout, batch)]
+        pts = sorted((r["cache_len"], r["speedup_vs_dense"]) for r in mine)
+        commits = "/".join(sorted({r.get("commit", "?") for r in mine}))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{layout}, batch {batch} ({commits})")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)

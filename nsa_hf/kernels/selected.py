@@ -82,16 +82,18 @@ def default_fwd_mode(G: int, avg_keys: int, rules) -> str:
     return "by_block" if by_block else "tiled"
 
 
+def forward_kernel(G: int, avg_keys: int, rules) -> tuple:
+    """
+    The selected forward that runs for group size G at `avg_keys` keys per document: `(mode, query-tile rows)`, rows
+    None for the key-centric forward (`SWITCHES` overrides apply).
+    """
+    mode = SWITCHES.selected_fwd or default_fwd_mode(G, avg_keys, rules)
+    return mode, tile_rows(G, avg_keys, rules) if mode == "tiled" else None
+
+
 def forward_regimes(G: int, rules) -> set:
-    """
-    The selected forward's kernels at short and at long documents for group size G: `(mode, query-tile rows)`
-    pairs, rows None for the key-centric forward (`SWITCHES` overrides apply).
-    """
-    regimes = set()
-    for avg_keys in (0, 1 << 62):
-        mode = SWITCHES.selected_fwd or default_fwd_mode(G, avg_keys, rules)
-        regimes.add((mode, tile_rows(G, avg_keys, rules) if mode == "tiled" else None))
-    return regimes
+    """The `forward_kernel`s at short and at long documents for group size G."""
+    return {forward_kernel(G, avg_keys, rules) for avg_keys in (0, 1 << 62)}
 
 
 _COMPILED_AHEAD = set()
@@ -102,7 +104,7 @@ def compile_ahead(pk, used: tuple) -> None:
     Compile, without running or timing, the selected forward's kernels of the length regime a call with these
     shapes did not use (`forward_regimes`), once per process: a server's first prompt past the regime boundary (32k
     keys) then compiles nothing; it only times the candidate configurations on its own inputs
-    (`_tiling.quick_bench`). Costs the first call a few seconds on a machine whose Triton cache is empty, ~0.1 s after.
+    (`_tiling.quick_bench`). The compile moves to the first call, once per machine (Triton's disk cache keeps it).
     """
     if INTERPRET or pk.q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
@@ -150,8 +152,7 @@ def selected_attention_fwd(q, k, v, block_indices, select_block_size: int, scale
     if pk.Nq == 0:
         o = torch.empty(pk.Nq, pk.HQ, pk.DV, dtype=q.dtype, device=q.device)
         return pk.unpack(o), torch.empty(pk.B, 0, pk.HQ, dtype=torch.float32, device=q.device)
-    mode = SWITCHES.selected_fwd or default_fwd_mode(pk.G, geo.avg_k, pk.rules)
-    rows = tile_rows(pk.G, geo.avg_k, pk.rules) if mode == "tiled" else None
+    mode, rows = forward_kernel(pk.G, geo.avg_k, pk.rules)
     if mode == "by_block":
         o, lse = by_block_forward(pk)
         o = o.to(q.dtype)
