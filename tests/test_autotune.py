@@ -1,7 +1,7 @@
 """
 Which kernel configurations the autotuner times (host-side pruning, no GPU needed): training shapes get the full
 candidate list, decoding shapes a single configuration so the first generate() call is not stalled by timing runs,
-block selection its measured prefill tile (no timing at a new prompt length);
+block selection and the key-centric selected forward their measured tiles (no timing at a new prompt length);
 the switches that change that, read once from the environment or set through the testing hook.
 """
 
@@ -54,10 +54,42 @@ def test_selection_times_the_candidates_where_the_measured_tile_does_not_fit():
     assert not any(c.kwargs["ROWS"] == 128 and c.num_warps == 4 for c in training)
 
 
+def test_key_centric_forward_takes_its_measured_configuration_untimed():
+    from nsa_hf.kernels import selected_reverse
+
+    configs = _tiling._configs([(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 2)], ("BM",))  # the GPU candidates
+    for dk, want in ((64, (64, 4, 2)), (128, (128, 8, 2)), (192, (128, 8, 2))):
+        (cfg,) = selected_reverse._prune_by_block(configs, {}, DK=dk)
+        assert (cfg.kwargs["BM"], cfg.num_warps, cfg.num_stages) == want
+    assert selected_reverse._prune_by_block(configs, {}, DK=512) == configs  # nothing measured: timed
+    with override(config_index=3):
+        (cfg,) = selected_reverse._prune_by_block(configs, {}, DK=64)
+    assert cfg.kwargs["BM"] == 32
+
+
 def test_selected_forward_decoding_is_not_timed():
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
     assert len(selected_tiles.prune(configs, {}, DECODE=False)) == 4
     assert selected_tiles.prune(configs, {}, DECODE=True) == configs[:1]
+
+
+def test_a_single_candidate_is_not_run_by_the_timing_functions(monkeypatch):
+    # Triton's autotuner times whatever the filter leaves, even one candidate, at every new tuning key
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: timed.append(rep) or [1.0] * 3)
+    launches = []
+    const = dict(G_PAD=16, N_PAD=16, R_PAD=4, D1=128, D2=0)
+    selection._prune_configs(_tiling.SELECTION_CONFIGS, {"T_BUCKET": 4096}, **const)  # the measured tile alone
+    assert _tiling.TIMED(lambda: launches.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    assert launches == [] and timed == []
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    selected_tiles.prune(configs, {}, DECODE=False)  # four candidates: timed
+    assert _tiling.QUICK(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0] * 3
+    assert _tiling.TIMED(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0] * 3
+    assert timed == [10, 100]
+    with override(autotune=False):
+        selected_tiles.prune(configs, {}, DECODE=False)
+    assert _tiling.TIMED(lambda: launches.append(1)) == 0.0 and launches == []
 
 
 def test_selected_forward_runs_key_centric_only_where_it_measured_faster():

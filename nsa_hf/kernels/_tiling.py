@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -234,6 +235,9 @@ class Tuning:
     # fits: it was the fastest at every length from 16k on and within noise below, so timing the candidates at
     # each new prompt length (~1 s) bought nothing; None times the candidates
     selection_prefill_tile: tuple | None
+    # the key-centric forward's configuration per head dim, ((largest DK, BM, warps, stages), ...), taken untimed
+    # where it is a candidate (the first entry whose DK bound holds); None entries are timed
+    selected_by_block_tiles: tuple
 
 
 _SM90 = Tuning(
@@ -254,6 +258,10 @@ _SM90 = Tuning(
     # H200: 6.4 ms against 8.0-11.3 for the other candidates at 64k (64q/4kv), 4.5 / 3.3 ms against >= 5.1 / 4.5
     # (32q/8kv D=128 / D=64); 0.08-0.25 ms for all at 1k-4k (benchmarks/results/logs/selection_configs_h200.log)
     selection_prefill_tile=(128, 64, 4, 2),
+    # H200, 32q/8kv, 32k / 128k: D=64 7.60 / 30.9 ms against >= 8.65 / 34.5 for the other three; D=128 (128 rows,
+    # 8 warps) 11.50 / 50.3 against >= 12.9 / 52.4. Timing them cost ~0.75 s inside the first request past 32k keys
+    # (benchmarks/results/logs/by_block_configs_h200.log)
+    selected_by_block_tiles=((64, 64, 4, 2), (256, 128, 8, 2)),
 )
 
 # capability -> rules; a GPU without its own entry takes the nearest lower one (else the lowest): only sm_90
@@ -275,19 +283,33 @@ def choose_configs(kept, configs):
     """The configurations the autotuner times: all valid ones, or one under `autotune=False` / `config_index`."""
     kept = kept or configs[:1]
     if SWITCHES.config_index is not None:
-        return [kept[min(SWITCHES.config_index, len(kept) - 1)]]
-    if not SWITCHES.autotune:
-        return kept[:1]
+        kept = [kept[min(SWITCHES.config_index, len(kept) - 1)]]
+    elif not SWITCHES.autotune:
+        kept = kept[:1]
+    _last_choice.count = len(kept)
     return kept
 
 
-def quick_bench(fn, quantiles=None):
-    """
-    The autotuner's timing for kernels first tuned inside a request (the selected forward at the first prompt of a
-    length regime, `selected.compile_ahead`): ~10 launches per configuration instead of Triton's default 125 ms, so
-    that first prompt costs at most a few of its own run times more than the next one.
-    """
-    return triton.testing.do_bench(fn, warmup=1, rep=10, quantiles=quantiles)
+# How many candidates the last `choose_configs` left (every autotuned kernel's filter ends in it). The autotuner
+# filters and then times in one call, so the count read by its timing function is that kernel's.
+_last_choice = threading.local()
+
+
+def _tuning_bench(rep_ms: int):
+    def bench(fn, quantiles=None):
+        if getattr(_last_choice, "count", 0) == 1:  # nothing to compare: the one candidate is not run
+            return [0.0] * len(quantiles) if quantiles else 0.0
+        return triton.testing.do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, quantiles=quantiles)
+
+    return bench
+
+
+# The autotuners' timing functions. Triton times even a single remaining candidate, at every new tuning key (the
+# block selection's prefill tile, decoding launches, `autotune=False`: ~0.15 s per key); these take it untimed.
+# `TIMED` keeps Triton's 100 ms per candidate; `QUICK` (~10 launches) is for the kernels first timed inside a
+# request: the selected forward at the first prompt of a length regime (`selected.compile_ahead`).
+TIMED = _tuning_bench(100)
+QUICK = _tuning_bench(10)
 
 
 def _configs(rows, keys):

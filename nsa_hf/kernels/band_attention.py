@@ -55,6 +55,7 @@ from ._tiling import (
     INTERPRET_BAND_TILES,
     LOG2E,
     SWITCHES,
+    TIMED,
     choose_configs,
     device_limits,
     dot_precision,
@@ -377,6 +378,7 @@ if INTERPRET:
 else:
     _fwd_kernel = triton.autotune(
         BAND_FWD_CONFIGS, key=Q_TUNING_KEY, prune_configs_by={"early_config_prune": prune_q_tiled}, cache_results=True,
+        do_bench=TIMED,
     )(_band_fwd_kernel)
 
 

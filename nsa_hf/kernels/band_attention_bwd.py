@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._geometry import Geometry
-from ._tiling import BAND_DKDV_CONFIGS, BAND_DQ_CONFIGS, INTERPRET, LOG2E, choose_configs, device_limits
+from ._tiling import BAND_DKDV_CONFIGS, BAND_DQ_CONFIGS, INTERPRET, LOG2E, TIMED, choose_configs, device_limits
 from ._tiling import dot_precision, split_head_dim, tuning
 from .band_attention import (
     NO_WINDOW,
@@ -367,12 +367,13 @@ if INTERPRET:
 else:
     _dq_kernel = triton.autotune(
         BAND_DQ_CONFIGS, key=Q_TUNING_KEY, prune_configs_by={"early_config_prune": prune_q_tiled}, cache_results=True,
+        do_bench=TIMED,
     )(_band_dq_kernel)
     _dkdv_kernel = triton.autotune(
         BAND_DKDV_CONFIGS,
         key=["G", "BLOCK_DK1", "BLOCK_DK2", "BLOCK_DV1", "BLOCK_DV2", "WINDOWED", "VARLEN", "ATOMIC"],
         prune_configs_by={"early_config_prune": prune_k_tiled},
-        reset_to_zero=["DK_OUT", "DV_OUT"], cache_results=True,
+        reset_to_zero=["DK_OUT", "DV_OUT"], cache_results=True, do_bench=TIMED,
     )(triton.heuristics(_DKDV_HEURISTICS)(_band_dkdv_kernel))
 
 

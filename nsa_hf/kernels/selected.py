@@ -104,7 +104,7 @@ def compile_ahead(pk, used: tuple) -> None:
     Compile, without running or timing, the selected forward's kernels of the length regime a call with these
     shapes did not use (`forward_regimes`), once per process: a server's first prompt past the regime boundary (32k
     keys) then compiles nothing; it only times the candidate configurations on its own inputs
-    (`_tiling.quick_bench`). The compile moves to the first call, once per machine (Triton's disk cache keeps it).
+    (`_tiling.QUICK`). The compile moves to the first call, once per machine (Triton's disk cache keeps it).
     """
     if INTERPRET or pk.q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return

@@ -23,7 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import SELECTED_BY_BLOCK_CONFIGS, SELECTED_DKDV_CONFIGS, LOG2E, next_pow2, quick_bench
+from ._tiling import (
+    LOG2E,
+    QUICK,
+    SELECTED_BY_BLOCK_CONFIGS,
+    SELECTED_DKDV_CONFIGS,
+    SWITCHES,
+    TIMED,
+    choose_configs,
+    device_limits,
+    next_pow2,
+    tuning,
+)
 from .selected_tiles import PRUNE, block_keys, doc_bounds, key_tile, load_keys, load_keys_t, load_rows
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -79,8 +90,20 @@ def _segment(BUCKET_OFF, bucket, seg, SEG):
     return lo, hi, start, tl.minimum(start + SEG, hi)
 
 
-@triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"], prune_configs_by=PRUNE,
-                 reset_to_zero=["OACC"], cache_results=True, do_bench=quick_bench)
+def _prune_by_block(configs, named_args, **kwargs):
+    """The measured configuration for this head dim (`Tuning.selected_by_block_tiles`) untimed, unless a test picks
+    one with `config_index`."""
+    q, dk = named_args.get("Q"), kwargs["DK"]
+    rules = tuning(device_limits(q.device if isinstance(q, torch.Tensor) else None))
+    tile = next((tuple(t[1:]) for t in rules.selected_by_block_tiles if dk <= t[0]), None)
+    preferred = [c for c in configs if (c.kwargs["BM"], c.num_warps, c.num_stages) == tile]
+    kept = preferred[:1] if preferred and SWITCHES.config_index is None else configs
+    return choose_configs(kept, configs)
+
+
+@triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"],
+                 prune_configs_by={"early_config_prune": _prune_by_block},
+                 reset_to_zero=["OACC"], cache_results=True, do_bench=QUICK)
 @triton.jit(do_not_specialize=_BUCKET_VARYING)
 def _fwd_by_block_kernel(
     Q, K, V, LSE_E, LSE, OACC, CU_Q, CU_K, ITEM_BUCKET, ITEM_SEG, BUCKET_OFF, BLK_DOC, BLK_OFF, POS,
@@ -156,7 +179,7 @@ def _fwd_by_block_kernel(
 
 @triton.autotune(
     configs=SELECTED_DKDV_CONFIGS, key=["G", "L", "DK", "DV", "BN", "FUSE_DQ"], reset_to_zero=["DKA", "DVA", "DQA"],
-    prune_configs_by=PRUNE, cache_results=True,
+    prune_configs_by=PRUNE, cache_results=True, do_bench=TIMED,
 )
 @triton.jit
 def _dkdv_kernel(

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import DECODE_ROWS, SELECTED_TILE_CONFIGS, LOG2E, SWITCHES, choose_configs, next_pow2, quick_bench
+from ._tiling import DECODE_ROWS, LOG2E, QUICK, SELECTED_TILE_CONFIGS, SWITCHES, TIMED, choose_configs, next_pow2
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small jitted helpers
@@ -197,7 +197,7 @@ PRUNE = {"early_config_prune": prune}
 
 @triton.autotune(
     configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT", "DECODE"], prune_configs_by=PRUNE,
-    cache_results=True, do_bench=quick_bench,
+    cache_results=True, do_bench=QUICK,
 )
 @triton.jit(do_not_specialize=_TILE_VARYING)
 def _fwd_kernel(
@@ -269,7 +269,7 @@ def _fwd_kernel(
 
 @triton.autotune(
     configs=SELECTED_TILE_CONFIGS, key=["G", "L", "DK", "DV", "BM", "BN", "DIRECT"], prune_configs_by=PRUNE,
-    cache_results=True,
+    cache_results=True, do_bench=TIMED,
 )
 @triton.jit
 def _dq_kernel(

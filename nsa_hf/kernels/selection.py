@@ -44,6 +44,7 @@ from ._tiling import (
     LOG2E,
     SELECTION_CONFIGS,
     SWITCHES,
+    TIMED,
     choose_configs,
     device_limits,
     next_pow2,
@@ -401,6 +402,7 @@ _select_kernel_tuned = triton.autotune(
     key=["T_BUCKET", "HKV", "G_PAD", "D1", "D2", "R_PAD", "C", "N_PAD", "VARLEN", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
+    do_bench=TIMED,
 )(_select_kernel)
 
 
