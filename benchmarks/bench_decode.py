@@ -8,8 +8,8 @@ Decoding benchmark, side by side in one run on one GPU:
 - `model`: a 1.1B NSA model (hidden 2048, 16 layers, 32q/8kv, head dim 64) vs its dense twin (same weights,
   attn_implementation="sdpa"): decode ms/token after a long prompt with `generate()`, static caches compiled by
   generate (transformers' own path) and dynamic caches eager; tokens/s at batch 16.
-- `coldstart`: prefill seconds at prompt lengths never seen before, first call vs second call, and the number of
-  Triton compilations each first call triggered.
+- `coldstart`: prefill seconds at prompt lengths never seen before, first call vs second call, the number of
+  Triton compilations each first call triggered, and the autotuner's tunings (kernel, candidates, seconds).
 
     python benchmarks/bench_decode.py --parts kernel model coldstart
 
@@ -196,8 +196,20 @@ def coldstart_cases(args, log, emit):
 
     from nsa_hf import NSAConfig, NSAForCausalLM
 
-    compiles = []
+    from triton.runtime.autotuner import Autotuner
+
+    compiles, tunings = [], []
     triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(getattr(k.get("fn"), "name", "?"))
+    check_disk_cache = Autotuner.check_disk_cache
+
+    def logged_check_disk_cache(self, tuning_key, configs, *args, **kwargs):  # every new tuning key passes here
+        start = time.perf_counter()
+        from_disk = check_disk_cache(self, tuning_key, configs, *args, **kwargs)
+        tunings.append(dict(kernel=self.base_fn.__name__, candidates=len(configs), from_disk=bool(from_disk),
+                            seconds=round(time.perf_counter() - start, 4)))
+        return from_disk
+
+    Autotuner.check_disk_cache = logged_check_disk_cache
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = NSAForCausalLM(NSAConfig(**MODEL)).to(torch.bfloat16).eval()
@@ -213,7 +225,7 @@ def coldstart_cases(args, log, emit):
         for length in args.coldstart_lens:
             ids = torch.randint(1, 1000, (1, length), device="cuda")
             times = []
-            before = len(compiles)
+            before, tuned_before = len(compiles), len(tunings)
             for _ in range(2):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -223,10 +235,14 @@ def coldstart_cases(args, log, emit):
             kernels = sorted(set(compiles[before:]))
             emit(dict(case="coldstart_prefill", prompt_len=length, first_s=times[0], second_s=times[1],
                              first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before,
-                             compiled_kernels=kernels))
+                             compiled_kernels=kernels, tunings=tunings[tuned_before:]))
             log(f"  prefill {length:6d}: first {times[0]:.3f} s, second {times[1]:.3f} s, "
                 f"{len(compiles) - before} Triton compilations {kernels}")
+            for t in tunings[tuned_before:]:
+                log(f"    tuned {t['kernel']}: {t['candidates']} candidates, {t['seconds']:.3f} s"
+                    + (" (from disk)" if t["from_disk"] else ""))
     triton.knobs.runtime.jit_post_compile_hook = None
+    Autotuner.check_disk_cache = check_disk_cache
 
 
 def meta():

@@ -55,6 +55,12 @@ cleanly, leaving what is done; `--resume` skips the rows the results file alread
    is rerun by the same command (`--resume`); stage 2 alone needs the stage-1 parameters: step 2 writes them to
    `<out-dir>/stage1_nsa.safetensors` (4.6 MB), which `--stage1 PATH` reads back.
 
+Or everything in one call (measured 2026-12-03: 516 s, pretrain 240 s; nothing needs to travel back but the results):
+
+       run(command="export PYTHONUNBUFFERED=1 NSA_HF_AUTOTUNE=0; python3 benchmarks/quality_experiment.py
+            --phases corpus pretrain baseline stage1 stage2 naive dense-twin plot --deadline-minutes 9.55
+            --reserve-s 330 --out-dir $OUT; rm -rf $OUT/source $OUT/stage1_nsa.safetensors", timeout_s=600)
+
 CPU smoke test (tiny sizes, a minute): `python benchmarks/quality_experiment.py --smoke --out-dir /tmp/quality`.
 """
 
