@@ -17,10 +17,13 @@ Prints tables and writes benchmarks/results/decode_<gpu>.json (plot: benchmarks/
 """
 
 import argparse
+import cProfile
+import io
 import json
 import math
 import os
 import platform
+import pstats
 import sys
 import time
 from datetime import datetime, timezone
@@ -226,12 +229,20 @@ def coldstart_cases(args, log, emit):
             ids = torch.randint(1, 1000, (1, length), device="cuda")
             times = []
             before, tuned_before = len(compiles), len(tunings)
-            for _ in range(2):
+            for call in range(2):
+                profiler = cProfile.Profile() if call == 0 and length in args.coldstart_profile else None
                 torch.cuda.synchronize()
                 start = time.perf_counter()
+                if profiler is not None:
+                    profiler.enable()
                 model(ids, logits_to_keep=1, use_cache=False)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
+                if profiler is not None:
+                    profiler.disable()
+                    text = io.StringIO()
+                    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+                    log(f"  cProfile of the first call at {length} (cumulative):\n{text.getvalue()}")
             kernels = sorted(set(compiles[before:]))
             emit(dict(case="coldstart_prefill", prompt_len=length, first_s=times[0], second_s=times[1],
                              first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before,
@@ -268,6 +279,8 @@ def main():
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--coldstart-lens", nargs="+", type=int,
                         default=[1000, 3001, 4097, 6000, 9999, 12345, 20000, 33333, 40000, 65000])
+    parser.add_argument("--coldstart-profile", nargs="*", type=int, default=[],
+                        help="cold-start lengths whose first call is profiled with cProfile (host time, into the log)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="run every kernel case in this process (default: one process per case)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<gpu>.json)")
