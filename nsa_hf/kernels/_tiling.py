@@ -279,11 +279,17 @@ def tuning(limits: DeviceLimits) -> Tuning:
 DECODE_ROWS = 64
 
 
-def choose_configs(kept, configs):
-    """The configurations the autotuner times: all valid ones, or one under `autotune=False` / `config_index`."""
+def choose_configs(kept, configs, measured=None):
+    """
+    The configurations the autotuner times: all valid ones, or one under `autotune=False` / `config_index`.
+    `measured`, a configuration measured fastest for this call's shapes, is taken alone (untimed) unless
+    `config_index` picks one of `kept`.
+    """
     kept = kept or configs[:1]
     if SWITCHES.config_index is not None:
         kept = [kept[min(SWITCHES.config_index, len(kept) - 1)]]
+    elif measured is not None:
+        kept = [measured]
     elif not SWITCHES.autotune:
         kept = kept[:1]
     _last_choice.count = len(kept)

@@ -28,7 +28,6 @@ from ._tiling import (
     QUICK,
     SELECTED_BY_BLOCK_CONFIGS,
     SELECTED_DKDV_CONFIGS,
-    SWITCHES,
     TIMED,
     choose_configs,
     device_limits,
@@ -96,9 +95,8 @@ def _prune_by_block(configs, named_args, **kwargs):
     q, dk = named_args.get("Q"), kwargs["DK"]
     rules = tuning(device_limits(q.device if isinstance(q, torch.Tensor) else None))
     tile = next((tuple(t[1:]) for t in rules.selected_by_block_tiles if dk <= t[0]), None)
-    preferred = [c for c in configs if (c.kwargs["BM"], c.num_warps, c.num_stages) == tile]
-    kept = preferred[:1] if preferred and SWITCHES.config_index is None else configs
-    return choose_configs(kept, configs)
+    measured = next((c for c in configs if (c.kwargs["BM"], c.num_warps, c.num_stages) == tile), None)
+    return choose_configs(configs, configs, measured=measured)
 
 
 @triton.autotune(configs=SELECTED_BY_BLOCK_CONFIGS, key=["G", "L", "DK", "DV", "BN", "PASS"],

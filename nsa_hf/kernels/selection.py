@@ -391,10 +391,8 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [triton.Config({"ROWS": rows, "BS": min_bs, "HEAD_MASK": _head_mask(rows, 8, g_pad)}, num_warps=8,
                               num_stages=2)]
     if {**named_args, **kwargs}.get("T_BUCKET", DECODE_ROWS) < DECODE_ROWS:  # decoding: see DECODE_ROWS
-        kept = kept[:1]
-    elif preferred is not None and SWITCHES.config_index is None:  # prefill: the measured tile, untimed
-        kept = [preferred]
-    return choose_configs(kept, kept)
+        return choose_configs(kept[:1], kept)
+    return choose_configs(kept, kept, measured=preferred)  # prefill: the measured tile, untimed
 
 
 _select_kernel_tuned = triton.autotune(
