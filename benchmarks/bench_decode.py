@@ -241,8 +241,9 @@ def coldstart_cases(args, log, emit):
                 if profiler is not None:
                     profiler.disable()
                     text = io.StringIO()
-                    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
-                    log(f"  cProfile of the first call at {length} (cumulative):\n{text.getvalue()}")
+                    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+                    log(f"  cProfile of the first call at {length} (cumulative, then own time):\n{text.getvalue()}")
             kernels = sorted(set(compiles[before:]))
             emit(dict(case="coldstart_prefill", prompt_len=length, first_s=times[0], second_s=times[1],
                              first_over_second=times[0] / times[1], triton_compilations=len(compiles) - before,

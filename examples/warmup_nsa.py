@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the selection-alignment loss (default: 1.0 stage 1, 0 stage 2)")
     p.add_argument("--alignment-queries", type=int, default=ALIGNMENT_QUERIES,
                    help=f"query positions per document in the alignment loss (default: {ALIGNMENT_QUERIES})")
+    p.add_argument("--alignment-max-position", type=int, default=None,
+                   help="align only queries below this position: the context the dense source was trained on, when "
+                        "--seq-len is longer (default: every position)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logging-steps", type=int, default=10)
@@ -109,7 +112,8 @@ def main(argv=None) -> None:
     )
     trainer = NSAWarmupTrainer(
         model=model, args=training_args, train_dataset=pieces, alignment_weight=weight,
-        alignment_queries=args.alignment_queries, data_collator=DataCollatorWithFlattening(return_position_ids=True),
+        alignment_queries=args.alignment_queries, alignment_max_position=args.alignment_max_position,
+        data_collator=DataCollatorWithFlattening(return_position_ids=True),
     )
     trainer.train()
     model.save_pretrained(args.output)

@@ -88,7 +88,8 @@ class _AttentionInputs:
             cos, sin = kwargs["position_embeddings"]
             self.inputs[layer] = (hidden.detach(), cos.detach(), sin.detach())
 
-    def alignment_loss(self, position_ids=None, max_queries: int = ALIGNMENT_QUERIES, **kwargs):
+    def alignment_loss(self, position_ids=None, max_queries: int = ALIGNMENT_QUERIES,
+                       max_query_position: int | None = None, **kwargs):
         """
         (the mean KL over every layer, document, chosen query and KV head, see the module docstring; the number of
         terms). With no document long enough for a choosable block, (None, 0).
@@ -107,14 +108,15 @@ class _AttentionInputs:
         bounds = cu_seqlens.tolist()
         total, count = None, 0
         for layer, (hidden, cos, sin) in self.inputs.items():
-            kl, n = _layer_alignment(layer, hidden, cos, sin, bounds, max_queries)
+            kl, n = _layer_alignment(layer, hidden, cos, sin, bounds, max_queries, max_query_position)
             if n:
                 total = kl if total is None else total + kl
                 count += n
         return (total / count if count else None), count
 
 
-def _layer_alignment(attn: NSAAttention, hidden, cos, sin, bounds: list[int], max_queries: int):
+def _layer_alignment(attn: NSAAttention, hidden, cos, sin, bounds: list[int], max_queries: int,
+                     max_query_position: int | None = None):
     """(sum of the KL over the chosen queries and KV heads of every document, their number) for one layer."""
     config = attn.config
     l, d, lp = config.compress_block_size, config.compress_stride, config.select_block_size
@@ -139,9 +141,10 @@ def _layer_alignment(attn: NSAAttention, hidden, cos, sin, bounds: list[int], ma
     for start, end in zip(bounds[:-1], bounds[1:]):
         length = end - start
         first = fixed * lp  # the first position with a block the selection may choose
-        if length <= first:
+        queried = length if max_query_position is None else min(length, max_query_position)
+        if queried <= first:
             continue
-        t = torch.linspace(first, length - 1, min(max_queries, length - first), device=q.device).round().long()
+        t = torch.linspace(first, queried - 1, min(max_queries, queried - first), device=q.device).round().long()
         t = torch.unique(t)
         k_cmp = attn.compress_key(unfold_compression_blocks(k_src[None, start:end], l, d))[0].float()
         target = _dense_block_mass(q[start + t], k[start:end], t, lp, kv_heads, attn.scaling)
@@ -197,28 +200,44 @@ def _selection_scores(q, k_cmp, t, l, d, lp, kv_heads, scale, num_blocks):
 
 
 def selection_alignment_loss(model: nn.Module, input_ids: torch.Tensor | None = None, *,
-                             max_queries: int = ALIGNMENT_QUERIES, return_outputs: bool = False, **inputs):
+                             max_queries: int = ALIGNMENT_QUERIES, max_query_position: int | None = None,
+                             return_outputs: bool = False, **inputs):
     """
     Run `model` on one batch (`input_ids` and any other forward arguments: `position_ids` of packed documents,
     `labels`) and return the selection-alignment loss: the mean over layers, documents, query positions and KV heads
     of KL(dense attention mass per selection block || NSA block-selection scores), both renormalised over the blocks
     the selection may choose (module docstring). `max_queries` query positions per document, evenly spaced, take part
-    (documents shorter than `(num_initial_blocks + num_local_blocks) * select_block_size + 1` have none). The model
+    (documents shorter than `(num_initial_blocks + num_local_blocks) * select_block_size + 1` have none). With
+    `max_query_position`, only queries at document positions below it take part: set it to the context length the
+    dense source was trained on when training longer, since past it the source's own dense attention (RoPE beyond its
+    training) is no target for the selection. The model
     runs in whatever attention mode it is in (the loss needs only each layer's inputs); padded batches are refused:
     pack documents instead (restarting `position_ids`, as `DataCollatorWithFlattening` makes them).
 
     With `return_outputs`, returns `(loss, outputs)`: `outputs.loss` is the language-model loss when `labels` were
     passed, so one forward gives both.
     """
+    _check_alignment_queries(max_queries, max_query_position)
     with _AttentionInputs(model) as recorded:
         outputs = model(input_ids=input_ids, **inputs)
-    loss, count = recorded.alignment_loss(max_queries=max_queries, **inputs)
+    loss, count = recorded.alignment_loss(max_queries=max_queries, max_query_position=max_query_position, **inputs)
     if not count:
         raise ValueError(
             "no document is long enough for the alignment loss: a query needs a selection block it may choose, i.e. "
             "at least (num_initial_blocks + num_local_blocks) * select_block_size + 1 tokens"
+            + ("" if max_query_position is None else f" below max_query_position={max_query_position}")
         )
     return (loss, outputs) if return_outputs else loss
+
+
+def _check_alignment_queries(max_queries, max_query_position, queries_name="max_queries",
+                             position_name="max_query_position") -> None:
+    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+        raise ValueError(f"{queries_name} must be a positive integer, got {max_queries!r}")
+    if max_query_position is not None and (isinstance(max_query_position, bool)
+                                           or not isinstance(max_query_position, int) or max_query_position < 1):
+        raise ValueError(f"{position_name} must be None or a positive integer (the source's trained context "
+                         f"length), got {max_query_position!r}")
 
 
 class NSAWarmupTrainer(Trainer):
@@ -229,14 +248,16 @@ class NSAWarmupTrainer(Trainer):
     stage 1.
     """
 
-    def __init__(self, *args, alignment_weight: float = 0.0, alignment_queries: int = ALIGNMENT_QUERIES, **kwargs):
+    def __init__(self, *args, alignment_weight: float = 0.0, alignment_queries: int = ALIGNMENT_QUERIES,
+                 alignment_max_position: int | None = None, **kwargs):
         if not alignment_weight >= 0:
             raise ValueError(f"alignment_weight must be a non-negative number, got {alignment_weight!r}")
-        if not isinstance(alignment_queries, int) or alignment_queries < 1:
-            raise ValueError(f"alignment_queries must be a positive integer, got {alignment_queries!r}")
+        _check_alignment_queries(alignment_queries, alignment_max_position, "alignment_queries",
+                                 "alignment_max_position")
         super().__init__(*args, **kwargs)
         self.alignment_weight = alignment_weight
         self.alignment_queries = alignment_queries
+        self.alignment_max_position = alignment_max_position
         self._alignment_values: list[torch.Tensor] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -244,7 +265,8 @@ class NSAWarmupTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with _AttentionInputs(model) as recorded:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        alignment, count = recorded.alignment_loss(max_queries=self.alignment_queries, **inputs)
+        alignment, count = recorded.alignment_loss(max_queries=self.alignment_queries,
+                                                   max_query_position=self.alignment_max_position, **inputs)
         if not count:  # every document of this batch is too short to choose a block: nothing to align
             return (loss, outputs) if return_outputs else loss
         self._alignment_values.append(alignment.detach())

@@ -109,6 +109,27 @@ def test_alignment_loss_is_the_kl_of_dense_block_mass_and_selection_scores(conve
     assert torch.allclose(loss, torch.stack(kls).mean(), rtol=1e-4), (loss, torch.stack(kls).mean())
 
 
+def test_alignment_below_max_query_position_is_the_alignment_of_the_document_cut_there(converted):
+    # a causal model: queries below the cut see the same keys, and the evenly spaced queries are the same positions
+    model = NSAForCausalLM.from_pretrained(converted).eval()
+    batch = ids(batch=2, seq=100)
+    with torch.no_grad():
+        cut = selection_alignment_loss(model, batch[:, :70])
+        limited = selection_alignment_loss(model, batch, max_query_position=70)
+        full = selection_alignment_loss(model, batch)
+    assert torch.allclose(limited, cut, rtol=1e-5), (limited, cut)
+    assert not torch.allclose(limited, full, rtol=1e-3)
+    with pytest.raises(ValueError, match="below max_query_position=48"):
+        selection_alignment_loss(model, batch, max_query_position=48)  # no choosable block below position 48
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "4096"])
+def test_alignment_max_query_position_must_be_a_positive_integer(converted, bad):
+    model = NSAForCausalLM.from_pretrained(converted).eval()
+    with pytest.raises(ValueError, match=f"max_query_position must be None or a positive integer.*{bad!r}"):
+        selection_alignment_loss(model, ids(batch=1, seq=100), max_query_position=bad)
+
+
 def test_packed_documents_give_the_loss_of_separate_rows(converted):
     model = NSAForCausalLM.from_pretrained(converted).eval()
     a, b = ids(1, 70, seed=1), ids(1, 90, seed=2)

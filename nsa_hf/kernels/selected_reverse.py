@@ -31,6 +31,7 @@ from ._tiling import (
     TIMED,
     choose_configs,
     device_limits,
+    load_compiled,
     next_pow2,
     tuning,
 )
@@ -379,7 +380,7 @@ def by_block_forward(pk, compile_only: bool = False):
         kernel = _fwd_by_block_kernel[grid]
         if compile_only:
             kernel = functools.partial(_fwd_by_block_kernel.warmup, grid=grid)
-        kernel(
+        launched = kernel(
             pk.q, pk.k, pk.v, lse_entry, lse, oacc, pk.cu_q, pk.cu_k,
             rev["item_bucket"], rev["item_seg"], rev["bucket_off"], rev["blk_doc"], rev["blk_off"], rev["pos"],
             pk.q.stride(0), pk.q.stride(1), pk.k.stride(0), pk.k.stride(1), pk.v.stride(0), pk.v.stride(1),
@@ -387,6 +388,8 @@ def by_block_forward(pk, compile_only: bool = False):
             HKV=pk.HKV, G=pk.G, L=pk.L, DK=pk.DK, DV=pk.DV, BK1=pk.BK1, BK2=pk.BK2, BV=pk.BV,
             BN=key_tile(pk.L), PASS=pass_, VARLEN=pk.varlen, PREC=pk.prec,
         )
+        if compile_only:
+            load_compiled(launched)
 
     launch(0)
     if compile_only:

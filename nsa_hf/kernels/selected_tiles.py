@@ -19,7 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import DECODE_ROWS, LOG2E, QUICK, SELECTED_TILE_CONFIGS, SWITCHES, TIMED, choose_configs, next_pow2
+from ._tiling import (
+    DECODE_ROWS,
+    LOG2E,
+    QUICK,
+    SELECTED_TILE_CONFIGS,
+    SWITCHES,
+    TIMED,
+    choose_configs,
+    load_compiled,
+    next_pow2,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small jitted helpers
@@ -454,7 +464,7 @@ def tiled_forward(pk, BM: int, compile_only: bool = False):
         DECODE=pk.Nq * pk.G < DECODE_ROWS * pk.num_docs,
     )
     if compile_only:
-        _fwd_kernel.warmup(*args, grid=grid, **meta)
+        load_compiled(_fwd_kernel.warmup(*args, grid=grid, **meta))
         return None
     _fwd_kernel[grid](*args, **meta)
     return o, lse
